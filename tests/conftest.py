@@ -1,0 +1,44 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REFERENCE_DIR = Path(os.environ.get("DUALTOKEN_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
+
+
+def relative_error(actual, expected) -> float:
+    """max |actual - expected| / max |expected| in float64."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+
+
+class OfficialReference:
+    """One official tiny run: its state dict (official key names), config dicts and golden tensors."""
+
+    def __init__(self, version: str):
+        self.version = version
+        state_path = REFERENCE_DIR / f"official_{version}_tiny_state.safetensors"
+        with safe_open(state_path, "pt") as handle:
+            metadata = handle.metadata()
+        self.state = load_file(state_path)
+        self.io = load_file(REFERENCE_DIR / f"official_{version}_tiny_io.safetensors")
+        self.official_config = json.loads(metadata["rqvaesiglip_config"])
+        self.siglip_vision_config = json.loads(metadata["siglip_vision_config"])
+
+    @property
+    def preset(self) -> str:
+        return "paper" if self.version == "v1" else "v2"
+
+
+@pytest.fixture(scope="session", params=["v1", "v2"])
+def official(request) -> OfficialReference:
+    if not REFERENCE_DIR.is_dir():
+        pytest.skip(f"official reference tensors not found in {REFERENCE_DIR} (set DUALTOKEN_REFERENCE_DIR)")
+    return OfficialReference(request.param)
