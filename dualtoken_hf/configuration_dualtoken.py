@@ -166,9 +166,6 @@ class DualTokenVisionConfig(PreTrainedConfig):
             raise ValueError(
                 f"shortcut_layer must be in [1, semantic_layer={self.semantic_layer}], got {self.shortcut_layer}"
             )
-        image_size, patch_size = self.siglip_config.image_size, self.siglip_config.patch_size
-        if image_size % patch_size:
-            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
 
     @property
     def image_size(self) -> int:
@@ -176,7 +173,7 @@ class DualTokenVisionConfig(PreTrainedConfig):
 
     @property
     def grid_size(self) -> int:
-        """Positions per side of the code grid (27 for the 384 px presets)."""
+        """Positions per side of the code grid (27 for the 384 px presets: the patch conv drops the remainder)."""
         return self.siglip_config.image_size // self.siglip_config.patch_size
 
     @classmethod

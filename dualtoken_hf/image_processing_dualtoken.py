@@ -1,0 +1,421 @@
+# Copyright 2025 The DualToken authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""PIL/NumPy image processor for the DualToken vision tokenizer.
+
+Hub-facing module: it imports only transformers, torch, numpy and PIL, so it can be copied alone into a model folder
+and loaded with `AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)`.
+"""
+
+import os
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import (
+    IMAGENET_STANDARD_MEAN,
+    IMAGENET_STANDARD_STD,
+    ChannelDimension,
+    PILImageResampling,
+    SizeDict,
+)
+from transformers.utils import is_torch_available
+
+
+if is_torch_available():
+    import torch
+
+
+# Square input resolution of each tokenizer preset; the shortest-edge resize and the center crop both use it.
+_PRESET_IMAGE_SIZES = {"paper": 384, "v2": 384, "tiny": 64}
+
+_VALID_CHANNELS = (1, 3, 4)
+_POSTPROCESS_RETURN_TYPES = ("PIL.Image.Image", "np", "pt")
+# 16-bit PIL modes (16-bit PNG/TIFF decode to these); their values are read as 0..65535.
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+# Bicubic resampling of float images in [0, 1] may overshoot by a hair; larger excursions mean a wrong value range.
+_FLOAT_RANGE_TOLERANCE = 1e-3
+
+
+class DualTokenImageProcessor(PilBackend):
+    r"""
+    Image processor of the DualToken vision tokenizer, following the SigLIP recipe of its semantic encoder.
+
+    Every image goes through:
+
+    1. conversion to 3-channel RGB (see "Accepted inputs");
+    2. a bicubic resize (`PIL.Image.BICUBIC`) of the shortest side to `size["shortest_edge"]`, keeping the aspect
+       ratio (the long side becomes `int(shortest_edge * long / short)`);
+    3. a center crop to `crop_size` (top/left offset `(resized - crop) // 2`);
+    4. a rescale by `rescale_factor` (1/255) and a normalization with `image_mean` = `image_std` = (0.5, 0.5, 0.5),
+       so that pixel values lie in [-1, 1].
+
+    The result is a [`~transformers.BatchFeature`] whose `pixel_values` is a float32 `(batch, 3, height, width)`
+    tensor (`return_tensors="pt"`), array (`"np"`), or a list of `(3, height, width)` float32 arrays
+    (`return_tensors=None`, the transformers convention).
+
+    Accepted inputs (a single image, a list/tuple of images of any sizes, or a 4-D batch):
+
+    - `PIL.Image.Image` in any mode. Modes with transparency (`RGBA`, `LA`, `PA`, `P` or `RGB`/`L` with a
+      transparency key) are alpha-composited on a **white** background. `I;16*` and `I` modes are read as 16-bit
+      (0..65535), `F` as float in [0, 1]; every other mode uses PIL's own conversion to `RGB`.
+    - `numpy.ndarray` / `torch.Tensor` of shape `(H, W)`, `(H, W, C)` or `(C, H, W)` with C in {1, 3, 4}, or
+      `(B, H, W, C)` / `(B, C, H, W)` batches. Integer and boolean images hold values in 0..255 (booleans map to
+      0/255); float images hold values in [0, 1]. When both ends of the shape could be channels (e.g. `(3, 5, 3)`),
+      NumPy arrays are read channels-last and torch tensors channels-first, unless `input_data_format` says
+      otherwise. Four channels are RGBA and are composited on white like PIL images.
+    - `str` / `os.PathLike` paths to image files, opened with PIL (EXIF orientation applied).
+
+    Anything else (an empty list, a zero-size image, 2 or 5 channels, NaN/inf, out-of-range values, a wrong number
+    of dimensions, an unreadable path, a non-image object) raises `ValueError` naming the problem.
+
+    Args:
+        size (`dict[str, int]` or `int`, *optional*, defaults to `{"shortest_edge": 384}`):
+            Resize target: `{"shortest_edge": n}` keeps the aspect ratio, `{"height": h, "width": w}` resizes to
+            exactly that size.
+        crop_size (`dict[str, int]` or `int`, *optional*, defaults to `{"height": 384, "width": 384}`):
+            Size of the center crop taken after resizing.
+        resample (`PILImageResampling`, *optional*, defaults to `PILImageResampling.BICUBIC`):
+            PIL resampling filter used by the resize.
+        do_resize, do_center_crop, do_rescale, do_normalize (`bool`, *optional*, default to `True`):
+            Switch off one step of the pipeline.
+        rescale_factor (`float`, *optional*, defaults to `1/255`):
+            Factor that maps 0..255 values to [0, 1].
+        image_mean, image_std (`tuple[float, float, float]`, *optional*, default to `(0.5, 0.5, 0.5)`):
+            Normalization statistics; the defaults map [0, 1] to [-1, 1].
+    """
+
+    resample = PILImageResampling.BICUBIC
+    image_mean = IMAGENET_STANDARD_MEAN
+    image_std = IMAGENET_STANDARD_STD
+    size = {"shortest_edge": _PRESET_IMAGE_SIZES["paper"]}
+    crop_size = {"height": _PRESET_IMAGE_SIZES["paper"], "width": _PRESET_IMAGE_SIZES["paper"]}
+    default_to_square = False
+    do_resize = True
+    do_center_crop = True
+    do_rescale = True
+    do_normalize = True
+    do_convert_rgb = True
+    model_input_names = ["pixel_values"]
+
+    @classmethod
+    def from_preset(cls, name: str, **kwargs) -> "DualTokenImageProcessor":
+        """
+        Build the image processor of a named tokenizer preset.
+
+        Args:
+            name (`str`):
+                One of `"paper"` (384 px), `"v2"` (384 px) or `"tiny"` (64 px).
+            kwargs:
+                Overrides passed on to the constructor.
+
+        Returns:
+            `DualTokenImageProcessor`: resizing the shortest side to, and center-cropping a square of, the preset's
+            image size.
+        """
+        if name not in _PRESET_IMAGE_SIZES:
+            raise ValueError(f"Unknown preset {name!r}; valid presets are {sorted(_PRESET_IMAGE_SIZES)}")
+        image_size = _PRESET_IMAGE_SIZES[name]
+        preset_kwargs = {
+            "size": {"shortest_edge": image_size},
+            "crop_size": {"height": image_size, "width": image_size},
+        }
+        return cls(**{**preset_kwargs, **kwargs})
+
+    def preprocess(self, images, **kwargs) -> BatchFeature:
+        """
+        Preprocess an image or a batch of images into `pixel_values` in [-1, 1].
+
+        Args:
+            images:
+                A single image, a list/tuple of images (sizes may differ) or a 4-D batch; see the class docstring for
+                the accepted types, modes, layouts and value ranges.
+            return_tensors (`str` or `TensorType`, *optional*):
+                `"pt"` for a float32 `torch.Tensor` of shape `(B, 3, H, W)`, `"np"` for a NumPy array of that shape,
+                `None` for a list of `(3, H, W)` float32 arrays.
+            input_data_format (`str` or `ChannelDimension`, *optional*):
+                `"channels_first"` or `"channels_last"`, to read 3-D arrays/tensors whose layout is ambiguous.
+            kwargs:
+                Per-call overrides of the constructor arguments (`size`, `crop_size`, `resample`, `do_resize`, ...).
+
+        Returns:
+            [`~transformers.BatchFeature`] with a single key, `pixel_values`.
+
+        Raises:
+            `ValueError`: for malformed inputs; the message names the problem and what is allowed.
+        """
+        return super().preprocess(images, **kwargs)
+
+    def _prepare_images_structure(self, images, expected_ndims: int = 3) -> list:
+        """Flatten the input into a list of single images, loading paths and splitting 4-D batches."""
+        flat_images = []
+        self._flatten_into(images, flat_images)
+        if not flat_images:
+            raise ValueError("No images to process: got an empty list/batch; pass at least one image.")
+        return flat_images
+
+    def _flatten_into(self, images, flat_images: list) -> None:
+        if isinstance(images, (list, tuple)):
+            for image in images:
+                self._flatten_into(image, flat_images)
+        elif isinstance(images, (str, os.PathLike)):
+            flat_images.append(_open_image_file(images))
+        elif isinstance(images, PIL.Image.Image):
+            flat_images.append(images)
+        elif isinstance(images, np.ndarray) or (is_torch_available() and isinstance(images, torch.Tensor)):
+            if images.ndim == 4:
+                if images.shape[0] == 0:
+                    raise ValueError(f"No images to process: got an empty batch of shape {tuple(images.shape)}.")
+                flat_images.extend(images[index] for index in range(images.shape[0]))
+            elif images.ndim in (2, 3):
+                flat_images.append(images)
+            else:
+                raise ValueError(
+                    f"An image array must have 2 (H, W), 3 (H, W, C or C, H, W) or 4 (batch) dimensions, got "
+                    f"{images.ndim} dimensions with shape {tuple(images.shape)}."
+                )
+        else:
+            raise ValueError(
+                f"Unsupported image type {type(images).__name__}: pass a PIL.Image.Image, a numpy.ndarray, a "
+                "torch.Tensor, a path to an image file, or a list of those."
+            )
+
+    def process_image(self, image, input_data_format: str | ChannelDimension | None = None, **kwargs) -> np.ndarray:
+        """
+        Convert one image to a channels-first RGB array: `uint8` (exactly as PIL would) or `float32` on the 0..255
+        scale (float and 16-bit inputs, to keep their precision).
+        """
+        if isinstance(image, PIL.Image.Image):
+            return _pil_to_rgb(image)
+        channels_first_if_ambiguous = not isinstance(image, np.ndarray)
+        if input_data_format is not None:
+            channels_first_if_ambiguous = ChannelDimension(input_data_format) == ChannelDimension.FIRST
+        return _array_to_rgb(_to_numpy(image), channels_first_if_ambiguous)
+
+    def resize(
+        self,
+        image: np.ndarray,
+        size: SizeDict,
+        resample: PILImageResampling | int | None = None,
+        **kwargs,
+    ) -> np.ndarray:
+        """
+        Resize a channels-first image with PIL.
+
+        `{"shortest_edge": n}` scales the short side to n and the long side to `int(n * long / short)`;
+        `{"height": h, "width": w}` resizes to exactly (h, w). `uint8` images are resized as PIL `RGB` images, float
+        images channel by channel as PIL `F` images, in the same two clipped passes as PIL's 8-bit path but without
+        rounding to 8 bits.
+        """
+        resample = self.resample if resample is None else resample
+        height, width = image.shape[-2:]
+        if size.shortest_edge:
+            short, long = (height, width) if height <= width else (width, height)
+            new_short, new_long = size.shortest_edge, int(size.shortest_edge * long / short)
+            new_height, new_width = (new_short, new_long) if height <= width else (new_long, new_short)
+        elif size.height and size.width:
+            new_height, new_width = size.height, size.width
+        else:
+            raise ValueError(f"size must be {{'shortest_edge': n}} or {{'height': h, 'width': w}}, got {dict(size)}")
+
+        if (new_height, new_width) == (height, width):
+            return image
+        if image.dtype == np.uint8:
+            resized = PIL.Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).resize(
+                (new_width, new_height), resample=resample
+            )
+            return np.asarray(resized).transpose(2, 0, 1)
+        # PIL's 8-bit resize is a horizontal pass then a vertical pass, clipping to 0..255 in between; doing the
+        # same on float ("F") channels keeps float inputs equal to their 8-bit PIL equivalent up to rounding.
+        channels = []
+        for channel in image:
+            channel = PIL.Image.fromarray(np.ascontiguousarray(channel, dtype=np.float32))
+            for pass_size in ((new_width, height), (new_width, new_height)):
+                channel = PIL.Image.fromarray(
+                    np.clip(np.asarray(channel.resize(pass_size, resample=resample)), 0.0, 255.0)
+                )
+            channels.append(np.asarray(channel))
+        return np.stack(channels)
+
+    def postprocess(self, pixel_values, return_tensors: str = "PIL.Image.Image"):
+        """
+        Map `pixel_values` (e.g. decoded by the tokenizer) back to 8-bit RGB images.
+
+        Inverts normalization and rescaling, `(x * std + mean) / rescale_factor`, which with the defaults is
+        `(x + 1) * 127.5`, then rounds and clamps to [0, 255].
+
+        Args:
+            pixel_values (`torch.Tensor` or `np.ndarray`):
+                Shape `(B, 3, H, W)` or `(3, H, W)`, finite values, nominally in [-1, 1].
+            return_tensors (`str`, *optional*, defaults to `"PIL.Image.Image"`):
+                `"PIL.Image.Image"` for a list of RGB `PIL.Image.Image`, `"np"` for a `uint8` array of shape
+                `(B, H, W, 3)`, `"pt"` for a `uint8` `torch.Tensor` of shape `(B, 3, H, W)`.
+
+        Returns:
+            `list[PIL.Image.Image]`, `np.ndarray` or `torch.Tensor`; always batched, also for a `(3, H, W)` input.
+
+        Raises:
+            `ValueError`: for an unknown `return_tensors`, a wrong shape, or non-finite values.
+        """
+        if return_tensors not in _POSTPROCESS_RETURN_TYPES:
+            raise ValueError(
+                f"Unknown return_tensors {return_tensors!r}; valid values are {list(_POSTPROCESS_RETURN_TYPES)}"
+            )
+        if isinstance(pixel_values, (list, tuple)):
+            if not pixel_values:
+                raise ValueError("pixel_values is an empty list; pass at least one (3, H, W) image")
+            pixel_values = np.stack([_to_numpy(image) for image in pixel_values])
+        values = _to_numpy(pixel_values)
+        if values.ndim == 3:
+            values = values[None]
+        if values.ndim != 4 or values.shape[0] == 0 or values.shape[1] != 3 or 0 in values.shape[2:]:
+            raise ValueError(
+                f"pixel_values must have shape (B, 3, H, W) or (3, H, W) with B, H, W > 0, got {tuple(values.shape)}"
+            )
+        if values.dtype.kind not in "biuf":
+            raise ValueError(f"pixel_values must be a real-valued array, got dtype {values.dtype}")
+        values = values.astype(np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError("pixel_values contain NaN or inf values; only finite values can be converted to images")
+
+        if self.do_normalize:
+            std = np.asarray(self.image_std, dtype=np.float64).reshape(-1, 1, 1)
+            mean = np.asarray(self.image_mean, dtype=np.float64).reshape(-1, 1, 1)
+            values = values * std + mean
+        if self.do_rescale:
+            values = values / self.rescale_factor
+        images = np.clip(np.round(values), 0, 255).astype(np.uint8)
+
+        if return_tensors == "pt":
+            return torch.from_numpy(images)
+        images = images.transpose(0, 2, 3, 1)
+        if return_tensors == "np":
+            return np.ascontiguousarray(images)
+        return [PIL.Image.fromarray(np.ascontiguousarray(image)) for image in images]
+
+
+def _open_image_file(path: str | os.PathLike) -> PIL.Image.Image:
+    """Open an image file with PIL, applying its EXIF orientation like `transformers.image_utils.load_image`."""
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()
+            return PIL.ImageOps.exif_transpose(image).copy()
+    except (OSError, ValueError) as error:
+        raise ValueError(f"Could not read an image from path {os.fspath(path)!r}: {error}") from error
+
+
+def _to_numpy(image: Any) -> np.ndarray:
+    if isinstance(image, np.ndarray):
+        return image
+    if is_torch_available() and isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        if image.dtype in (torch.bfloat16, torch.float16):
+            image = image.float()
+        return image.numpy()
+    raise ValueError(
+        f"Unsupported image type {type(image).__name__}: expected a numpy.ndarray or a torch.Tensor"
+    )
+
+
+def _pil_to_rgb(image: PIL.Image.Image) -> np.ndarray:
+    """PIL image in any mode -> channels-first RGB array; transparent pixels are composited on white."""
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"Got a zero-size image ({image.width}x{image.height}); images need at least one pixel.")
+    if image.mode in _SIXTEEN_BIT_MODES:
+        return _array_to_rgb(np.asarray(image, dtype=np.float64) / 65535.0, channels_first_if_ambiguous=False)
+    if image.mode == "F":
+        return _array_to_rgb(np.asarray(image), channels_first_if_ambiguous=False)
+    if image.mode == "La":  # premultiplied alpha: PIL converts it to nothing but "LA"
+        image = image.convert("LA")
+    try:
+        if image.has_transparency_data:
+            rgba = image.convert("RGBA")
+            white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            rgb = PIL.Image.alpha_composite(white, rgba).convert("RGB")
+        else:
+            rgb = image.convert("RGB")
+    except (ValueError, OSError) as error:
+        raise ValueError(f"Cannot convert a PIL image of mode {image.mode!r} to RGB: {error}") from error
+    return np.asarray(rgb).transpose(2, 0, 1)
+
+
+def _array_to_rgb(image: np.ndarray, channels_first_if_ambiguous: bool) -> np.ndarray:
+    """2-D/3-D array -> channels-first RGB array (`uint8`, or `float32` on the 0..255 scale for float inputs)."""
+    if image.size == 0:
+        raise ValueError(f"Got a zero-size image of shape {image.shape}; images need at least one pixel.")
+    if image.ndim == 2:
+        image = image[None]
+    elif image.ndim == 3:
+        image = _to_channels_first(image, channels_first_if_ambiguous)
+    else:
+        raise ValueError(
+            f"An image must have 2 (H, W) or 3 (H, W, C or C, H, W) dimensions, got {image.ndim} dimensions "
+            f"with shape {image.shape}."
+        )
+
+    if image.dtype.kind == "f":
+        if not np.isfinite(image).all():
+            raise ValueError("The image contains NaN or inf values; only finite pixel values are allowed.")
+        low, high = float(image.min()), float(image.max())
+        if low < -_FLOAT_RANGE_TOLERANCE or high > 1.0 + _FLOAT_RANGE_TOLERANCE:
+            raise ValueError(
+                f"Float images must have values in [0, 1], got values in [{low:.4g}, {high:.4g}]; divide 0..255 "
+                "images by 255 or pass them as uint8."
+            )
+        return _float_to_rgb(np.clip(image.astype(np.float32), 0.0, 1.0) * 255.0)
+    if image.dtype.kind == "b":
+        image = image.astype(np.uint8) * 255
+    elif image.dtype.kind in "iu":
+        low, high = int(image.min()), int(image.max())
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"Integer images must have values in 0..255, got values in [{low}, {high}]; scale 16-bit images to "
+                "8 bits or pass them as float in [0, 1]."
+            )
+        image = image.astype(np.uint8)
+    else:
+        raise ValueError(f"Unsupported image dtype {image.dtype}: use uint8 (0..255) or float (0..1).")
+
+    # uint8 arrays take the PIL path so that they give exactly what the equivalent PIL image gives.
+    # (H, W) uint8 -> "L", (H, W, 3) -> "RGB", (H, W, 4) -> "RGBA".
+    channels_last = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+    return _pil_to_rgb(PIL.Image.fromarray(np.ascontiguousarray(channels_last)))
+
+
+def _to_channels_first(image: np.ndarray, channels_first_if_ambiguous: bool) -> np.ndarray:
+    first_is_channel = image.shape[0] in _VALID_CHANNELS
+    last_is_channel = image.shape[-1] in _VALID_CHANNELS
+    if first_is_channel and last_is_channel:
+        first_is_channel = channels_first_if_ambiguous
+    elif not (first_is_channel or last_is_channel):
+        raise ValueError(
+            f"Could not find the channels axis of an image of shape {image.shape}: the first or last dimension "
+            f"must be the channels, with {_VALID_CHANNELS} channels (grayscale, RGB, RGBA)."
+        )
+    return image if first_is_channel else image.transpose(2, 0, 1)
+
+
+def _float_to_rgb(image: np.ndarray) -> np.ndarray:
+    """Channels-first float image on the 0..255 scale with 1, 3 or 4 channels -> 3 channels; alpha over white."""
+    if image.shape[0] == 1:
+        return np.repeat(image, 3, axis=0)
+    if image.shape[0] == 4:
+        alpha = image[3:] / 255.0
+        return image[:3] * alpha + 255.0 * (1.0 - alpha)
+    return image
+
+
+__all__ = ["DualTokenImageProcessor"]

@@ -1,0 +1,294 @@
+"""The DualToken vision tokenizer (paper §3.2, Fig. 2): one SigLIP tower, two residual codebooks.
+
+A shallow block's output (plus an optional shortcut from an earlier block) is projected to the pixel latents and
+residual-quantized into pixel codes, which the pixel decoder turns back into an image. A deep block's output is
+projected to the semantic latents and quantized into semantic codes; projected back to the SigLIP width, those
+replace the hidden state for the remaining blocks and the pooling head, so the pooled output is text-aligned.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, SiglipVisionModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_dualtoken import DualTokenVisionConfig
+from .modeling_dualtoken_decoder import DualTokenPixelDecoder
+from .modeling_dualtoken_projection import build_projection
+from .quantization_dualtoken import DualTokenResidualQuantizer
+
+
+BRANCHES = ("pixel", "semantic")
+
+
+@dataclass
+class DualTokenVisionOutput(ModelOutput):
+    r"""
+    Output of [`DualTokenVisionModel.encode`] and [`DualTokenVisionModel.forward`]. Grids are `(B, h, w, ...)`
+    in raster order; `D` is the residual depth.
+
+    pixel_codes (`torch.LongTensor` of shape `(B, h, w, D)`):
+        Pixel codebook indices.
+    semantic_codes (`torch.LongTensor` of shape `(B, h, w, D)`):
+        Semantic codebook indices.
+    pixel_latents (`torch.FloatTensor` of shape `(B, h, w, C)`):
+        Continuous pixel latents handed to the pixel quantizer (projection of the pixel layer, plus the weighted
+        shortcut projection when configured).
+    semantic_latents (`torch.FloatTensor` of shape `(B, h, w, C)`):
+        Continuous semantic latents handed to the semantic quantizer.
+    pixel_embeddings (`torch.FloatTensor` of shape `(B, h, w, C)`):
+        Pixel code embeddings summed over depth, with a straight-through gradient to `pixel_latents`.
+    semantic_embeddings (`torch.FloatTensor` of shape `(B, h, w, C)`):
+        The same for the semantic branch.
+    semantic_features (`torch.FloatTensor` of shape `(B, h*w, hidden)`):
+        With `semantic_feedback`: the semantic embeddings projected back to the SigLIP width, which replace the
+        hidden state after the semantic layer. Without it: the semantic layer's own output.
+    last_hidden_state (`torch.FloatTensor` of shape `(B, h*w, hidden)`):
+        Output of the post-layernorm, the input of the pooling head.
+    pooler_output (`torch.FloatTensor` of shape `(B, hidden)`):
+        Output of the SigLIP attention-pooling head.
+    pixel_commitment_loss, semantic_commitment_loss (`torch.FloatTensor` scalars):
+        Eq. 1 for each branch.
+    commitment_loss (`torch.FloatTensor` scalar):
+        Their sum, the `L_c1 + L_c2` of eq. 2.
+    reconstruction (`torch.FloatTensor` of shape `(B, 3, H, W)`, *forward only*):
+        Pixel decoder output in the normalized [-1, 1] image space (not clamped).
+    reconstruction_loss (`torch.FloatTensor` scalar, *forward only*):
+        Mean squared error between `reconstruction` and the input.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        With `output_hidden_states=True`: the patch embeddings, then every block's output that was run. The
+        entry of the semantic layer is its unquantized output; later entries are computed from the quantized
+        semantic features.
+    """
+
+    pixel_codes: torch.LongTensor | None = None
+    semantic_codes: torch.LongTensor | None = None
+    pixel_latents: torch.FloatTensor | None = None
+    semantic_latents: torch.FloatTensor | None = None
+    pixel_embeddings: torch.FloatTensor | None = None
+    semantic_embeddings: torch.FloatTensor | None = None
+    semantic_features: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    pixel_commitment_loss: torch.FloatTensor | None = None
+    semantic_commitment_loss: torch.FloatTensor | None = None
+    commitment_loss: torch.FloatTensor | None = None
+    reconstruction: torch.FloatTensor | None = None
+    reconstruction_loss: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+class DualTokenPreTrainedModel(PreTrainedModel):
+    config: DualTokenVisionConfig
+    base_model_prefix = "dualtoken_vision"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SiglipEncoderLayer", "SiglipMultiheadAttentionPoolingHead", "DualTokenPixelDecoder"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if isinstance(module, DualTokenResidualQuantizer):
+            # eq. 1 codebooks start as N(0, 1) with the EMA sums equal to the table and zero counts (official init).
+            init.normal_(module.codebook)
+            init.copy_(module.embed_ema, module.codebook)
+            init.zeros_(module.cluster_size_ema)
+        elif isinstance(module, nn.Conv2d):
+            # PyTorch's own conv init: the decoder and conv projections are trained from it in VQGAN-style recipes.
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.weight[0].numel())
+                init.uniform_(module.bias, -bound, bound)
+        else:
+            super()._init_weights(module)
+
+
+class DualTokenVisionModel(DualTokenPreTrainedModel):
+    r"""
+    The DualToken vision tokenizer: `encode` images into pixel and semantic codes, `decode` pixel codes into images,
+    `forward` for training (reconstruction plus both branches' commitment losses).
+
+    The SigLIP tower is held unchanged as `self.siglip` (a `SiglipVisionModel`), so its state-dict names are
+    SigLIP's and a pretrained tower loads directly (see [`~DualTokenVisionModel.from_siglip`]).
+
+    Example:
+
+    ```python
+    >>> from dualtoken_hf import DualTokenImageProcessor, DualTokenVisionConfig, DualTokenVisionModel
+
+    >>> model = DualTokenVisionModel(DualTokenVisionConfig.from_preset("tiny")).eval()
+    >>> processor = DualTokenImageProcessor.from_preset("tiny")
+    >>> pixel_values = processor(image, return_tensors="pt").pixel_values
+    >>> codes = model.encode(pixel_values)
+    >>> codes.pixel_codes.shape  # (1, 8, 8, 4)
+    >>> images = processor.postprocess(model.decode(codes.pixel_codes))
+    ```
+    """
+
+    def __init__(self, config: DualTokenVisionConfig):
+        super().__init__(config)
+        config.validate_architecture()
+        hidden = config.siglip_config.hidden_size
+        pixel_dim = config.pixel_quantizer_config["code_dim"]
+        semantic_dim = config.semantic_quantizer_config["code_dim"]
+
+        self.siglip = SiglipVisionModel(config.siglip_config)
+        self.pixel_projection = build_projection(config.projection_type, hidden, pixel_dim)
+        self.shortcut_projection = (
+            build_projection(config.projection_type, hidden, pixel_dim) if config.shortcut_layer is not None else None
+        )
+        self.semantic_projection = build_projection(config.projection_type, hidden, semantic_dim)
+        self.pixel_quantizer = DualTokenResidualQuantizer(**config.pixel_quantizer_config)
+        self.semantic_quantizer = DualTokenResidualQuantizer(**config.semantic_quantizer_config)
+        self.semantic_up_projection = build_projection(
+            config.projection_type, semantic_dim, hidden, causal=config.causal_up_projection
+        )
+        self.pixel_decoder = DualTokenPixelDecoder(
+            latent_channels=pixel_dim,
+            hidden_size=hidden,
+            projection_type=config.projection_type,
+            sample_size=config.image_size,
+            causal_projection=config.causal_up_projection,
+            **config.decoder_config,
+        )
+        self.post_init()
+
+    @classmethod
+    def from_siglip(cls, name_or_path, preset: str = "paper", **config_overrides) -> "DualTokenVisionModel":
+        """Start a tokenizer from a pretrained SigLIP vision tower, as the paper does.
+
+        `name_or_path` is anything `SiglipVisionModel.from_pretrained` accepts (a full SigLIP checkpoint works too).
+        The tokenizer layout comes from `preset` plus `config_overrides`; the tower's own config replaces the
+        preset's. Projections, codebooks and the pixel decoder start from random initialisation.
+        """
+        tower = SiglipVisionModel.from_pretrained(name_or_path)
+        config = DualTokenVisionConfig.from_preset(preset, siglip_config=tower.config.to_dict(), **config_overrides)
+        model = cls(config)
+        model.siglip.load_state_dict(tower.state_dict())
+        return model
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor):
+        size = self.config.image_size
+        expected = (self.config.siglip_config.num_channels, size, size)
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1:] != expected:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+            raise ValueError(
+                f"pixel_values must be a tensor of shape (batch, {', '.join(map(str, expected))}), got {shape}; "
+                "use DualTokenImageProcessor to resize and normalize images"
+            )
+
+    def _to_grid(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, h*w, C) sequence in raster order -> (B, h, w, C) grid."""
+        side = self.config.grid_size
+        return hidden_states.unflatten(1, (side, side))
+
+    def encode(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> DualTokenVisionOutput:
+        """Tokenize normalized images `(B, 3, H, W)` in [-1, 1] into pixel and semantic codes.
+
+        Runs no block past the semantic layer unless `config.semantic_feedback` is set (then the remaining blocks
+        and the pooling head run on the quantized semantic features).
+        """
+        self._check_pixel_values(pixel_values)
+        config = self.config
+        layers = self.siglip.encoder.layers
+        hidden_states = self.siglip.embeddings(pixel_values.to(self.dtype))
+        all_hidden_states = [hidden_states]
+        shortcut_latents = pixel_latents = None
+        for index, layer in enumerate(layers[: config.semantic_layer], start=1):
+            hidden_states = layer(hidden_states, None)
+            all_hidden_states.append(hidden_states)
+            if index == config.shortcut_layer:
+                shortcut_latents = self.shortcut_projection(self._to_grid(hidden_states))
+            if index == config.pixel_layer:
+                pixel_latents = self.pixel_projection(self._to_grid(hidden_states))
+        if shortcut_latents is not None:
+            pixel_latents = pixel_latents + config.shortcut_weight * shortcut_latents
+
+        pixel = self.pixel_quantizer(pixel_latents)
+        semantic_latents = self.semantic_projection(self._to_grid(hidden_states))
+        semantic = self.semantic_quantizer(semantic_latents)
+
+        if config.semantic_feedback:
+            semantic_features = self.semantic_up_projection(semantic.quantized_latents).flatten(1, 2)
+            hidden_states = semantic_features
+            for layer in layers[config.semantic_layer :]:
+                hidden_states = layer(hidden_states, None)
+                all_hidden_states.append(hidden_states)
+        else:
+            semantic_features = hidden_states
+        last_hidden_state = self.siglip.post_layernorm(hidden_states)
+        pooler_output = self.siglip.head(last_hidden_state) if self.siglip.use_head else None
+
+        return DualTokenVisionOutput(
+            pixel_codes=pixel.codes,
+            semantic_codes=semantic.codes,
+            pixel_latents=pixel_latents,
+            semantic_latents=semantic_latents,
+            pixel_embeddings=pixel.quantized_latents,
+            semantic_embeddings=semantic.quantized_latents,
+            semantic_features=semantic_features,
+            last_hidden_state=last_hidden_state,
+            pooler_output=pooler_output,
+            pixel_commitment_loss=pixel.commitment_loss,
+            semantic_commitment_loss=semantic.commitment_loss,
+            commitment_loss=pixel.commitment_loss + semantic.commitment_loss,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+        )
+
+    def _quantizer(self, branch: str) -> DualTokenResidualQuantizer:
+        if branch not in BRANCHES:
+            raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
+        return self.pixel_quantizer if branch == "pixel" else self.semantic_quantizer
+
+    def embed_codes(self, codes: torch.LongTensor, branch: str = "pixel", per_depth: bool = False) -> torch.Tensor:
+        """Look up code embeddings: `(B, h, w, D)` codes -> `(B, h, w, C)` summed over depth, or
+        `(B, h, w, D, C)` with `per_depth=True`. `branch` is `"pixel"` or `"semantic"`."""
+        quantizer = self._quantizer(branch)
+        return quantizer.embed_codes_per_depth(codes) if per_depth else quantizer.embed_codes(codes)
+
+    def semantic_features_from_codes(self, semantic_codes: torch.LongTensor) -> torch.Tensor:
+        """Semantic codes `(B, h, w, D)` -> the features `(B, h*w, hidden)` that replace the semantic layer's
+        output (the up-projection of the summed code embeddings)."""
+        embeddings = self.semantic_quantizer.embed_codes(semantic_codes)
+        return self.semantic_up_projection(embeddings).flatten(1, 2)
+
+    def decode(self, pixel_codes: torch.LongTensor) -> torch.Tensor:
+        """Pixel codes `(B, h, w, D)` -> images `(B, 3, H, W)` in the normalized [-1, 1] space.
+
+        The decoder output is not clamped; `DualTokenImageProcessor.postprocess` clamps when converting to images.
+        """
+        side = self.config.grid_size
+        if pixel_codes.dim() != 4 or pixel_codes.shape[1:3] != (side, side):
+            raise ValueError(f"pixel_codes must have shape (batch, {side}, {side}, depth), got {tuple(pixel_codes.shape)}")
+        embeddings = self.pixel_quantizer.embed_codes(pixel_codes)
+        return self.decode_embeddings(embeddings)
+
+    def decode_embeddings(self, pixel_embeddings: torch.Tensor) -> torch.Tensor:
+        """Summed pixel code embeddings `(B, h, w, C)` -> images `(B, 3, H, W)`."""
+        return self.pixel_decoder(pixel_embeddings.to(self.dtype)).sample
+
+    def forward(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, return_dict: bool = True
+    ) -> DualTokenVisionOutput | tuple:
+        """Encode, then reconstruct from the straight-through pixel embeddings (the training forward).
+
+        In training mode the quantizers also update their codebooks by EMA and restart dead codes.
+        Returns the [`DualTokenVisionOutput`] of `encode` with `reconstruction` and `reconstruction_loss` added.
+        Weighting the terms (eq. 2) and the perceptual, adversarial and semantic losses belong to the training
+        script, which owns the extra networks they need.
+        """
+        output = self.encode(pixel_values, output_hidden_states=output_hidden_states)
+        output.reconstruction = self.decode_embeddings(output.pixel_embeddings)
+        output.reconstruction_loss = F.mse_loss(output.reconstruction.float(), pixel_values.float())
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = ["DualTokenVisionModel", "DualTokenVisionOutput", "DualTokenPreTrainedModel"]

@@ -1,0 +1,287 @@
+# Copyright 2025 The DualToken-HF authors. Licensed under the Apache License, Version 2.0.
+"""Residual quantizer of the DualToken vision tokenizer (RQ-VAE style, EMA codebooks, dead-code restart).
+
+Self-contained on purpose (imports only torch and transformers' `ModelOutput`) so it can ship in a Hub repository
+as remote code.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers.utils import ModelOutput
+
+
+@dataclass
+class ResidualQuantizerOutput(ModelOutput):
+    """
+    Output of [`DualTokenResidualQuantizer`].
+
+    Args:
+        quantized_latents (`torch.FloatTensor` of shape `(batch_size, height, width, code_dim)`):
+            Straight-through quantized latents: `latents + (sum_d embeddings_d - latents).detach()`. The value is the
+            sum of the D looked-up embeddings, the gradient with respect to `latents` is the identity. Same dtype as
+            the latents.
+        codes (`torch.LongTensor` of shape `(batch_size, height, width, depth)`):
+            Codebook indices chosen at each depth.
+        commitment_loss (`torch.FloatTensor` of shape `()`):
+            Eq. 1 commitment loss, the mean over depths d of `mean((latents - sg(partial_sum_d))**2)` ("cumsum"
+            variant, no beta inside). Same dtype as the latents.
+    """
+
+    quantized_latents: torch.FloatTensor | None = None
+    codes: torch.LongTensor | None = None
+    commitment_loss: torch.FloatTensor | None = None
+
+
+class DualTokenResidualQuantizer(nn.Module):
+    """
+    Residual quantizer with EMA-updated codebooks (eq. 1 of the DualToken paper).
+
+    A latent grid `(B, h, w, C)` is quantized over `depth` steps: each depth picks the nearest codebook entry of the
+    current residual and subtracts it. The codebooks are buffers, never trained by gradient; in training mode they
+    follow an exponential moving average of the vectors assigned to each code (with Laplace smoothing) and codes whose
+    EMA cluster size drops below `restart_threshold` are restarted from random vectors of the batch.
+
+    Args:
+        codebook_size (`int`): Number of codes K per codebook.
+        code_dim (`int`): Width C of latents and embeddings.
+        depth (`int`): Number of residual depths D.
+        shared_codebook (`bool`, defaults to `True`): One codebook for all depths (otherwise one per depth).
+        ema_decay (`float`, defaults to 0.99): EMA decay of cluster sizes and per-code sums.
+        eps (`float`, defaults to 1e-5): Laplace smoothing constant of the codebook rewrite.
+        restart_dead_codes (`bool`, defaults to `True`): Restart codes whose EMA cluster size falls below
+            `restart_threshold`.
+        restart_threshold (`float`, defaults to 1.0): Cluster-size threshold under which a code counts as dead.
+        ema_update_per_depth (`bool`, defaults to `True`): `True` updates the codebook inside every depth step, so
+            the next depth searches the updated table (official `rq`, v1 and v2 pixel). `False` searches all depths
+            with the unchanged table and then runs one update on all depths' (residual, code) pairs (official
+            `rq_ema`, v2 semantic).
+        ema_sum_clamp (`float`, *optional*): Clamp the per-code vector sums of a batch to `[-clamp, clamp]` before
+            the EMA (v1 uses 1000). Applied per process, before the all-reduce, as in the official code.
+        official_ema_quirk (`bool`, defaults to `False`): Only for `ema_update_per_depth=False`. The official `rq_ema`
+            pairs every depth's codes with the *final* residual; `True` reproduces that, `False` pairs each depth's
+            codes with its own residual.
+    """
+
+    def __init__(
+        self,
+        codebook_size: int,
+        code_dim: int,
+        depth: int,
+        shared_codebook: bool = True,
+        ema_decay: float = 0.99,
+        eps: float = 1e-5,
+        restart_dead_codes: bool = True,
+        restart_threshold: float = 1.0,
+        ema_update_per_depth: bool = True,
+        ema_sum_clamp: float | None = None,
+        official_ema_quirk: bool = False,
+    ):
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.code_dim = code_dim
+        self.depth = depth
+        self.shared_codebook = shared_codebook
+        self.ema_decay = ema_decay
+        self.eps = eps
+        self.restart_dead_codes = restart_dead_codes
+        self.restart_threshold = restart_threshold
+        self.ema_update_per_depth = ema_update_per_depth
+        self.ema_sum_clamp = ema_sum_clamp
+        self.official_ema_quirk = official_ema_quirk
+
+        num_codebooks = 1 if shared_codebook else depth
+        self.register_buffer("codebook", torch.empty(num_codebooks, codebook_size, code_dim))
+        self.register_buffer("cluster_size_ema", torch.empty(num_codebooks, codebook_size))
+        self.register_buffer("embed_ema", torch.empty(num_codebooks, codebook_size, code_dim))
+        self.reset_parameters()
+
+    @property
+    def num_codebooks(self) -> int:
+        return self.codebook.shape[0]
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Official init: codebook ~ N(0, 1), `embed_ema` a copy of it, `cluster_size_ema` zeros."""
+        self.codebook.normal_()
+        self.embed_ema.copy_(self.codebook)
+        self.cluster_size_ema.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"codebook_size={self.codebook_size}, code_dim={self.code_dim}, depth={self.depth}, "
+            f"shared_codebook={self.shared_codebook}, ema_update_per_depth={self.ema_update_per_depth}"
+        )
+
+    def forward(self, latents: torch.Tensor) -> ResidualQuantizerOutput:
+        """
+        Quantize `latents` of shape `(B, h, w, code_dim)` over all depths (eq. 1).
+
+        In training mode the codebooks are EMA-updated as a side effect (see the class docstring for the two
+        schedules). The nearest-neighbour search always runs in fp32, also under autocast.
+        """
+        self._check_latents(latents)
+        # Meta tensors (shape checks of full-size models) have no autocast state of their own to switch off.
+        device_type = "cpu" if latents.device.type == "meta" else latents.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            latents_fp32 = latents.float()
+            residual = latents_fp32.detach()
+            partial_sum = torch.zeros_like(residual)
+            partial_sums, depth_codes, depth_residuals = [], [], []
+            update_per_depth = self.training and self.ema_update_per_depth
+            for d in range(self.depth):
+                codes_d = self._nearest_codes(residual, d)
+                # The embeddings come from the table *before* this depth's EMA rewrite (official order).
+                embeddings_d = self.codebook[self._codebook_index(d)][codes_d].float()
+                if update_per_depth:
+                    self._ema_update(self._codebook_index(d), residual, codes_d)
+                depth_residuals.append(residual)
+                depth_codes.append(codes_d)
+                residual = residual - embeddings_d
+                partial_sum = partial_sum + embeddings_d
+                partial_sums.append(partial_sum)
+            if self.training and not self.ema_update_per_depth:
+                if self.official_ema_quirk:
+                    depth_residuals = [residual] * self.depth
+                self._ema_update_after_all_depths(depth_residuals, depth_codes)
+
+            commitment_loss = torch.stack([(latents_fp32 - s).pow(2.0).mean() for s in partial_sums]).mean()
+            quantized_latents = latents + (partial_sum.to(latents.dtype) - latents).detach()
+        return ResidualQuantizerOutput(
+            quantized_latents=quantized_latents,
+            codes=torch.stack(depth_codes, dim=-1),
+            commitment_loss=commitment_loss.to(latents.dtype),
+        )
+
+    def embed_codes_per_depth(self, codes: torch.LongTensor) -> torch.Tensor:
+        """Look up the embeddings of `codes` `(B, h, w, D)` at each depth, giving `(B, h, w, D, code_dim)`."""
+        self._check_codes(codes)
+        return torch.stack([self.codebook[self._codebook_index(d)][codes[..., d]] for d in range(self.depth)], dim=-2)
+
+    def embed_codes(self, codes: torch.LongTensor) -> torch.Tensor:
+        """Embeddings of `codes` `(B, h, w, D)` summed over depth (eq. 1 reconstruction), giving `(B, h, w, C)`."""
+        return self.embed_codes_per_depth(codes).sum(dim=-2)
+
+    @torch.no_grad()
+    def codebook_statistics(self, codes: torch.LongTensor) -> dict[str, torch.Tensor]:
+        """
+        Per-depth codebook health for logging, from `codes` `(B, h, w, D)` of this process.
+
+        Returns a dict of 1-D tensors of length D: `"usage"` (fraction of the K codes that appear in `codes`),
+        `"perplexity"` (exp of the entropy of the code histogram) and `"dead_codes"` (number of codes of that depth's
+        codebook whose `cluster_size_ema` is below `restart_threshold`).
+        """
+        self._check_codes(codes)
+        flat_codes = codes.reshape(-1, self.depth)
+        usage, perplexity, dead_codes = [], [], []
+        for d in range(self.depth):
+            counts = torch.bincount(flat_codes[:, d], minlength=self.codebook_size).float()
+            probs = counts / counts.sum()
+            usage.append((counts > 0).float().mean())
+            perplexity.append(torch.special.entr(probs).sum().exp())
+            dead_codes.append((self.cluster_size_ema[self._codebook_index(d)] < self.restart_threshold).sum())
+        return {
+            "usage": torch.stack(usage),
+            "perplexity": torch.stack(perplexity),
+            "dead_codes": torch.stack(dead_codes),
+        }
+
+    def _codebook_index(self, d: int) -> int:
+        return 0 if self.shared_codebook else d
+
+    def _check_latents(self, latents: torch.Tensor):
+        if latents.ndim != 4 or latents.shape[-1] != self.code_dim:
+            raise ValueError(
+                f"latents must have shape (batch_size, height, width, {self.code_dim}), got {tuple(latents.shape)}"
+            )
+        if not latents.is_floating_point() or latents.numel() == 0:
+            raise ValueError(
+                f"latents must be a non-empty floating-point tensor, got {latents.dtype}, {tuple(latents.shape)}"
+            )
+
+    def _check_codes(self, codes: torch.Tensor):
+        if codes.ndim != 4 or codes.shape[-1] != self.depth:
+            raise ValueError(
+                f"codes must have shape (batch_size, height, width, {self.depth}), got {tuple(codes.shape)}"
+            )
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+        if codes.numel() > 0 and codes.device.type != "meta":  # meta tensors carry shapes, not values
+            low, high = codes.min().item(), codes.max().item()
+            if low < 0 or high >= self.codebook_size:
+                raise ValueError(f"codes must be in [0, {self.codebook_size}), got min {low} and max {high}")
+
+    @torch.no_grad()
+    def _nearest_codes(self, residual: torch.Tensor, d: int) -> torch.LongTensor:
+        # ||r||^2 + ||e||^2 - 2 r.e in one addmm, exactly as the official code, so near-ties resolve the same way.
+        codebook_t = self.codebook[self._codebook_index(d)].float().t()
+        flat = residual.reshape(-1, self.code_dim)
+        residual_sq = flat.pow(2.0).sum(dim=1, keepdim=True)
+        codebook_sq = codebook_t.pow(2.0).sum(dim=0, keepdim=True)
+        distances = torch.addmm(residual_sq + codebook_sq, flat, codebook_t, alpha=-2.0)
+        return distances.argmin(dim=-1).reshape(residual.shape[:-1])
+
+    @torch.no_grad()
+    def _ema_update_after_all_depths(self, depth_residuals: list[torch.Tensor], depth_codes: list[torch.Tensor]):
+        flat_residuals = [r.reshape(-1, self.code_dim) for r in depth_residuals]
+        flat_codes = [c.reshape(-1) for c in depth_codes]
+        if self.shared_codebook:
+            # depth-major concatenation: all positions of depth 1, then depth 2, ...
+            self._ema_update(0, torch.cat(flat_residuals), torch.cat(flat_codes))
+        else:
+            for d in range(self.depth):
+                self._ema_update(d, flat_residuals[d], flat_codes[d])
+
+    @torch.no_grad()
+    def _ema_update(self, index: int, vectors: torch.Tensor, codes: torch.Tensor):
+        """One EMA step of codebook `index` on `vectors` assigned to `codes`, then restart and rewrite (fp32 math)."""
+        vectors = vectors.reshape(-1, self.code_dim).float()
+        codes = codes.reshape(-1)
+        counts = torch.bincount(codes, minlength=self.codebook_size).float()
+        sums = vectors.new_zeros(self.codebook_size, self.code_dim).index_add_(0, codes, vectors)
+        if self.ema_sum_clamp is not None:
+            sums = sums.clamp(-self.ema_sum_clamp, self.ema_sum_clamp)
+        if _is_distributed():
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+
+        cluster_size = self.cluster_size_ema[index].float().mul(self.ema_decay).add(counts, alpha=1 - self.ema_decay)
+        embed_sum = self.embed_ema[index].float().mul(self.ema_decay).add(sums, alpha=1 - self.ema_decay)
+        if self.restart_dead_codes:
+            candidates = self._restart_candidates(vectors)
+            dead = cluster_size < self.restart_threshold
+            embed_sum = torch.where(dead[:, None], candidates, embed_sum)
+            cluster_size = torch.where(dead, torch.ones_like(cluster_size), cluster_size)
+
+        self.cluster_size_ema[index].copy_(cluster_size)
+        self.embed_ema[index].copy_(embed_sum)
+        self.codebook[index].copy_(self._smoothed_codebook(cluster_size, embed_sum))
+
+    @torch.no_grad()
+    def _restart_candidates(self, vectors: torch.Tensor) -> torch.Tensor:
+        """K random batch vectors (tiled with small noise when the batch has fewer than K), rank 0's on all ranks."""
+        num_vectors = vectors.shape[0]
+        if num_vectors < self.codebook_size:
+            # Same draws, shapes and order as the official `_tile_with_noise`, so seeded runs match it.
+            repeats = (self.codebook_size + num_vectors - 1) // num_vectors
+            noise_scale = vectors.new_ones(self.code_dim) * 0.01 / math.sqrt(self.code_dim)
+            vectors = vectors.repeat(repeats, 1)
+            vectors = vectors + torch.rand_like(vectors) * noise_scale
+        candidates = vectors[torch.randperm(vectors.shape[0], device=vectors.device)][: self.codebook_size]
+        if _is_distributed():
+            candidates = candidates.contiguous()
+            dist.broadcast(candidates, src=0)
+        return candidates
+
+    def _smoothed_codebook(self, cluster_size: torch.Tensor, embed_sum: torch.Tensor) -> torch.Tensor:
+        # Laplace smoothing: ee / (n (cs + eps) / (n + K eps)), n = sum of cluster sizes.
+        total = cluster_size.sum()
+        smoothed_size = total * (cluster_size + self.eps) / (total + self.codebook_size * self.eps)
+        return embed_sum / smoothed_size.reshape(-1, 1)
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
