@@ -8,7 +8,7 @@ layout (`"v2"`) and a tiny one for tests and demos.
 
 import copy
 
-from transformers import PreTrainedConfig, SiglipVisionConfig
+from transformers import AutoConfig, PreTrainedConfig, SiglipVisionConfig
 from transformers.configuration_utils import SubConfigSpec
 
 
@@ -82,6 +82,17 @@ PRESETS = {
         "decoder_config": {"decoder_in_channels": 64, "block_out_channels": [32, 32, 64, 64]},
     },
 }
+
+
+def merge_settings(preset: dict, overrides: dict) -> dict:
+    """A copy of `preset` with `overrides` applied; dict-valued settings are merged key by key."""
+    settings = copy.deepcopy(preset)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(settings.get(key), dict):
+            settings[key] = {**settings[key], **value}
+        else:
+            settings[key] = value
+    return settings
 
 
 class DualTokenVisionConfig(PreTrainedConfig):
@@ -184,15 +195,125 @@ class DualTokenVisionConfig(PreTrainedConfig):
         """
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        settings = copy.deepcopy(PRESETS[name])
-        for key, value in overrides.items():
-            if isinstance(value, dict) and isinstance(settings.get(key), dict):
-                settings[key] = {**settings[key], **value}
-            else:
-                settings[key] = value
+        settings = merge_settings(PRESETS[name], overrides)
         if isinstance(settings.get("siglip_config"), dict):
             settings["siglip_config"] = {**SIGLIP_SO400M_PATCH14_384, **settings["siglip_config"]}
         return cls(**settings)
 
 
-__all__ = ["DualTokenVisionConfig"]
+QWEN2_5_3B = {
+    "model_type": "qwen2",
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "tie_word_embeddings": True,
+}
+
+DEPTH_HEAD_DEFAULTS = {
+    "num_layers": 3,
+    "hidden_size": 1024,
+    "num_attention_heads": 16,
+    "intermediate_size": 4096,
+    "hidden_act": "gelu_pytorch_tanh",
+    "layer_norm_eps": 1e-6,
+}
+
+UNIFIED_PRESETS = {
+    "dualtoken-3b": {},
+    "tiny": {
+        "text_config": {
+            "model_type": "qwen2",
+            "vocab_size": 512,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 1024,
+            "tie_word_embeddings": True,
+        },
+        "vision_preset": "tiny",
+        "depth_head_config": {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128},
+        "pad_token_id": 508,
+        "image_token_id": 509,
+        "boi_token_id": 510,
+        "eoi_token_id": 511,
+    },
+}
+
+
+class DualTokenConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`DualTokenForConditionalGeneration`], the unified MLLM of DualToken (paper §3.3, Fig. 3c).
+
+    The defaults describe the paper's model: Qwen2.5-3B reading and writing images through the paper tokenizer
+    (27 x 27 positions x 8 residual depths per branch at 384 px).
+
+    Args:
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            Any causal-LM config (`model_type` selects the architecture; Qwen2 by default, Llama works too).
+        vision_config (`dict` or [`DualTokenVisionConfig`], *optional*):
+            The vision tokenizer. Defaults to the paper preset.
+        depth_head_config (`dict`, *optional*):
+            The two depth-transformer heads (eq. 5): `num_layers` (3), `hidden_size`, `num_attention_heads`,
+            `intermediate_size`, `hidden_act`, `layer_norm_eps`. The number of slots and the classifier sizes follow
+            from each branch's quantizer (depth D, codebook size K): one classifier per depth.
+        projector_hidden_act (`str`, *optional*, defaults to `"gelu"`):
+            Activation of the 2-layer MLP that maps concat(pixel, semantic code embeddings) to the LLM width.
+        freeze_vision_tokenizer (`bool`, *optional*, defaults to `True`):
+            Keep the tokenizer frozen (no gradients, eval mode, no codebook updates), as in the paper.
+        image_token_id (`int`): id of the image placeholder token, one per grid position.
+        boi_token_id (`int`): id of the begin-of-image token.
+        eoi_token_id (`int`): id of the end-of-image token.
+        pad_token_id (`int`): id of the padding token (also fills unconditional prompts for guidance).
+        tie_word_embeddings (`bool`, *optional*): tie the LM head to the input embeddings; defaults to the
+            text config's value.
+    """
+
+    model_type = "dualtoken"
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2", init_kwargs=QWEN2_5_3B),
+        "vision_config": DualTokenVisionConfig,
+    }
+
+    text_config: dict | PreTrainedConfig | None = None
+    vision_config: dict | PreTrainedConfig | None = None
+    depth_head_config: dict | None = None
+    projector_hidden_act: str = "gelu"
+    freeze_vision_tokenizer: bool = True
+    image_token_id: int = 151665
+    boi_token_id: int = 151666
+    eoi_token_id: int = 151667
+    pad_token_id: int | None = 151643
+    tie_word_embeddings: bool | None = None
+
+    def __post_init__(self, **kwargs):
+        self.depth_head_config = {**DEPTH_HEAD_DEFAULTS, **(self.depth_head_config or {})}
+        super().__post_init__(**kwargs)
+        if self.tie_word_embeddings is None:
+            self.tie_word_embeddings = getattr(self.text_config, "tie_word_embeddings", False)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """LLM positions per image: one per cell of the tokenizer's code grid."""
+        return self.vision_config.grid_size**2
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "DualTokenConfig":
+        """`"dualtoken-3b"` (Qwen2.5-3B + the paper tokenizer) or `"tiny"` (tests, docs, benchmarks)."""
+        if name not in UNIFIED_PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(UNIFIED_PRESETS)}")
+        settings = merge_settings(UNIFIED_PRESETS[name], overrides)
+        vision_preset = settings.pop("vision_preset", "paper")
+        settings.setdefault("vision_config", DualTokenVisionConfig.from_preset(vision_preset))
+        return cls(**settings)
+
+
+__all__ = ["DualTokenConfig", "DualTokenVisionConfig"]

@@ -82,7 +82,7 @@ class DualTokenVisionOutput(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
-class DualTokenPreTrainedModel(PreTrainedModel):
+class DualTokenVisionPreTrainedModel(PreTrainedModel):
     config: DualTokenVisionConfig
     base_model_prefix = "dualtoken_vision"
     main_input_name = "pixel_values"
@@ -111,7 +111,7 @@ class DualTokenPreTrainedModel(PreTrainedModel):
             super()._init_weights(module)
 
 
-class DualTokenVisionModel(DualTokenPreTrainedModel):
+class DualTokenVisionModel(DualTokenVisionPreTrainedModel):
     r"""
     The DualToken vision tokenizer: `encode` images into pixel and semantic codes, `decode` pixel codes into images,
     `forward` for training (reconstruction plus both branches' commitment losses).
@@ -291,4 +291,4 @@ class DualTokenVisionModel(DualTokenPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-__all__ = ["DualTokenVisionModel", "DualTokenVisionOutput", "DualTokenPreTrainedModel"]
+__all__ = ["DualTokenVisionModel", "DualTokenVisionOutput", "DualTokenVisionPreTrainedModel"]

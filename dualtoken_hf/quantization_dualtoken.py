@@ -161,6 +161,12 @@ class DualTokenResidualQuantizer(nn.Module):
         self._check_codes(codes)
         return torch.stack([self.codebook[self._codebook_index(d)][codes[..., d]] for d in range(self.depth)], dim=-2)
 
+    def embed_codes_at_depth(self, codes: torch.LongTensor, d: int) -> torch.Tensor:
+        """Embeddings of the codes of one depth `d` (0-based) for codes of any shape, giving `(..., code_dim)`.
+
+        Unchecked fast path for sampling loops, which produce codes by construction in `[0, K)`."""
+        return self.codebook[self._codebook_index(d)][codes]
+
     def embed_codes(self, codes: torch.LongTensor) -> torch.Tensor:
         """Embeddings of `codes` `(B, h, w, D)` summed over depth (eq. 1 reconstruction), giving `(B, h, w, C)`."""
         return self.embed_codes_per_depth(codes).sum(dim=-2)

@@ -1,0 +1,535 @@
+"""The unified DualToken MLLM (paper §3.3, Fig. 3c, eq. 5–8): one LLM that reads and writes images.
+
+An image enters the LLM as one embedding per grid position: the pixel and the semantic code embeddings (each summed
+over the D residual depths) are concatenated and projected to the LLM width. At image positions the LLM hidden
+state feeds two depth-transformer heads (pixel, semantic) that predict the D codes of the next position. Text is
+read and written as usual through the LM head. Generated pixel codes are decoded to pixels by the tokenizer.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.utils import ModelOutput, logging
+from transformers.utils.logging import tqdm
+
+from .configuration_dualtoken import DualTokenConfig
+from .modeling_dualtoken_depth import DualTokenDepthTransformer
+from .modeling_dualtoken_vision import DualTokenVisionModel
+
+
+logger = logging.get_logger(__name__)
+
+BRANCHES = ("pixel", "semantic")
+# Text-generation arguments that pipelines or users pass along and that mean nothing for image generation.
+TEXT_ONLY_GENERATION_ARGUMENTS = ("max_new_tokens", "max_length", "min_new_tokens", "pad_token_id", "eos_token_id")
+PROGRESS_BAR_MIN_POSITIONS = 256
+DEFAULT_GUIDANCE_SCALE = 3.0  # paper §4.1
+# transformers writes one auto class per registered model class; these also resolve to this model in a Hub folder.
+EXTRA_AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForMultimodalLM")
+
+
+@dataclass
+class DualTokenCausalLMOutputWithPast(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor`, *optional*): eq. 6, the sum of `text_loss`, `pixel_loss` and `semantic_loss`.
+    text_loss (`torch.FloatTensor`, *optional*): next-token cross-entropy on text targets (eq. 7).
+    pixel_loss (`torch.FloatTensor`, *optional*): cross-entropy of the pixel codes at image targets, summed over
+        depths and averaged over positions (first half of eq. 8).
+    semantic_loss (`torch.FloatTensor`, *optional*): the same for the semantic codes (second half of eq. 8).
+    logits (`torch.FloatTensor` of shape `(B, L, vocab)`): text logits.
+    cache (`Cache`, *optional*): the LLM's key/value cache.
+    hidden_states, attentions: as returned by the LLM when requested.
+    """
+
+    loss: torch.FloatTensor | None = None
+    text_loss: torch.FloatTensor | None = None
+    pixel_loss: torch.FloatTensor | None = None
+    semantic_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache: object | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class DualTokenImageGenerationOutput(ModelOutput):
+    r"""
+    pixel_codes (`torch.LongTensor` of shape `(B, h, w, D)`): generated pixel codes; decode with
+        [`DualTokenForConditionalGeneration.decode_image_tokens`].
+    semantic_codes (`torch.LongTensor` of shape `(B, h, w, D)`): the semantic codes generated alongside.
+    """
+
+    pixel_codes: torch.LongTensor | None = None
+    semantic_codes: torch.LongTensor | None = None
+
+
+class DualTokenImageProjector(nn.Module):
+    """Fig. 3c: concat(pixel, semantic code embeddings, each summed over depth) -> 2-layer MLP -> LLM width."""
+
+    def __init__(self, pixel_dim: int, semantic_dim: int, hidden_size: int, hidden_act: str):
+        super().__init__()
+        self.linear_1 = nn.Linear(pixel_dim + semantic_dim, hidden_size)
+        self.act = nn.GELU() if hidden_act == "gelu" else nn.SiLU()
+        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, pixel_embeddings: torch.Tensor, semantic_embeddings: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(torch.cat((pixel_embeddings, semantic_embeddings), dim=-1))))
+
+
+def _per_depth(value, depth: int, name: str) -> list:
+    """A sampling setting given once or as one value per depth."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != depth:
+            raise ValueError(f"{name} needs one value per depth ({depth}), got {len(value)}: {value}")
+        return list(value)
+    return [value] * depth
+
+
+class DualTokenPreTrainedModel(PreTrainedModel):
+    config: DualTokenConfig
+    base_model_prefix = "dualtoken"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    output_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DualTokenDepthTransformer", "DualTokenImageProjector"]
+    _skip_keys_device_placement = ["cache"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+
+class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixin):
+    r"""
+    The unified DualToken model: image understanding (`generate` as any HF LM) and text-to-image generation
+    (`generate(..., generation_mode="image")`).
+
+    Example:
+
+    ```python
+    >>> from dualtoken_hf.testing import build_tiny_unified
+    >>> from transformers import AutoModel, AutoProcessor
+
+    >>> path = build_tiny_unified("tiny-dualtoken")
+    >>> model = AutoModel.from_pretrained(path, trust_remote_code=True)
+    >>> processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+    >>> inputs = processor(text=["a red fox"], generation_mode="image", return_tensors="pt")
+    >>> pixel_codes = model.generate(**inputs, generation_mode="image", guidance_scale=3.0)
+    >>> images = processor.postprocess(model.decode_image_tokens(pixel_codes))
+    ```
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "language_model.embed_tokens.weight"}
+
+    def __init__(self, config: DualTokenConfig):
+        super().__init__(config)
+        text_config, vision_config = config.text_config, config.vision_config
+        self.vision_tokenizer = DualTokenVisionModel(vision_config)
+        self.language_model = AutoModel.from_config(text_config)
+        self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
+        pixel, semantic = vision_config.pixel_quantizer_config, vision_config.semantic_quantizer_config
+        self.image_projector = DualTokenImageProjector(
+            pixel["code_dim"], semantic["code_dim"], text_config.hidden_size, config.projector_hidden_act
+        )
+        self.pixel_head, self.semantic_head = (
+            DualTokenDepthTransformer(
+                input_size=text_config.hidden_size,
+                code_dim=quantizer["code_dim"],
+                depth=quantizer["depth"],
+                codebook_size=quantizer["codebook_size"],
+                **config.depth_head_config,
+            )
+            for quantizer in (pixel, semantic)
+        )
+        if config.freeze_vision_tokenizer:
+            self.vision_tokenizer.requires_grad_(False)
+        self.post_init()
+        if self.generation_config is not None and self.generation_config.guidance_scale is None:
+            self.generation_config.guidance_scale = DEFAULT_GUIDANCE_SCALE
+        if self._auto_class is not None:
+            target = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
+            config.auto_map = {**getattr(config, "auto_map", {}), **dict.fromkeys(EXTRA_AUTO_CLASSES, target)}
+
+    def train(self, mode: bool = True):
+        """Like `nn.Module.train`, but a frozen tokenizer stays in eval mode (no EMA codebook updates)."""
+        super().train(mode)
+        if self.config.freeze_vision_tokenizer:
+            self.vision_tokenizer.eval()
+        return self
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def _head(self, branch: str) -> DualTokenDepthTransformer:
+        return self.pixel_head if branch == "pixel" else self.semantic_head
+
+    def _quantizer(self, branch: str):
+        return self.vision_tokenizer.pixel_quantizer if branch == "pixel" else self.vision_tokenizer.semantic_quantizer
+
+    # ----------------------------------------------------------------------------------------------- image input
+
+    def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """Images `(N, 3, H, W)` -> `(pixel_codes, semantic_codes)`, each `(N, h, w, D)`."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision_tokenizer):
+            encoded = self.vision_tokenizer.encode(pixel_values)
+        return encoded.pixel_codes, encoded.semantic_codes
+
+    def embed_image_codes(self, pixel_codes: torch.LongTensor, semantic_codes: torch.LongTensor) -> torch.Tensor:
+        """Codes `(N, h, w, D)` of both branches -> LLM input embeddings `(N, h, w, hidden)` (Fig. 3c)."""
+        pixel = self.vision_tokenizer.pixel_quantizer.embed_codes(pixel_codes)
+        semantic = self.vision_tokenizer.semantic_quantizer.embed_codes(semantic_codes)
+        return self.image_projector(pixel.to(self.dtype), semantic.to(self.dtype))
+
+    def embed_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        pixel_codes: torch.LongTensor | None = None,
+        semantic_codes: torch.LongTensor | None = None,
+    ) -> tuple[torch.Tensor, torch.LongTensor | None, torch.LongTensor | None]:
+        """Token embeddings with every image placeholder replaced by its image position's embedding.
+
+        Images come as `pixel_values` (encoded here) or as precomputed codes; they fill the placeholders in order.
+        Returns `(inputs_embeds, pixel_codes, semantic_codes)`.
+        """
+        if pixel_values is not None:
+            if pixel_codes is not None or semantic_codes is not None:
+                raise ValueError("pass either pixel_values or pixel_codes/semantic_codes, not both")
+            pixel_codes, semantic_codes = self.encode_images(pixel_values)
+        elif (pixel_codes is None) != (semantic_codes is None):
+            raise ValueError("pixel_codes and semantic_codes must be given together")
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_mask = input_ids == self.config.image_token_id
+        num_placeholders = int(image_mask.sum())
+        num_positions = 0 if pixel_codes is None else pixel_codes.shape[0] * self.config.num_image_tokens
+        if num_placeholders != num_positions:
+            raise ValueError(
+                f"input_ids hold {num_placeholders} image placeholder tokens but the images give {num_positions} "
+                f"positions ({self.config.num_image_tokens} per image); use DualTokenProcessor to expand `<image>`"
+            )
+        if num_positions:
+            image_embeds = self.embed_image_codes(pixel_codes, semantic_codes).flatten(0, 2)
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], image_embeds.to(inputs_embeds.dtype))
+        return inputs_embeds, pixel_codes, semantic_codes
+
+    # ------------------------------------------------------------------------------------------------- training
+
+    def _image_loss(self, branch, hidden_states, labels, image_mask, codes) -> torch.Tensor:
+        """eq. 8 for one branch: at each image target, the hidden state one position earlier predicts its D codes."""
+        flat_codes = codes.flatten(0, 2)  # (image positions, D), in placeholder order
+        target = labels[image_mask] == self.config.image_token_id
+        if not target.any():
+            return hidden_states.new_zeros(())
+        predicting = torch.zeros_like(image_mask)
+        predicting[:, :-1] = image_mask[:, 1:] & (labels[:, 1:] == self.config.image_token_id)
+        target_codes = flat_codes[target]
+        embeddings = torch.stack(
+            [self._quantizer(branch).embed_codes_at_depth(target_codes[:, d], d) for d in range(codes.shape[-1])], dim=1
+        )
+        logits = self._head(branch)(hidden_states[predicting], embeddings.to(hidden_states.dtype))
+        per_depth = F.cross_entropy(logits.float().flatten(0, 1), target_codes.flatten(), reduction="none")
+        return per_depth.view_as(target_codes).sum(dim=1).mean()
+
+    def _text_loss(self, logits, labels) -> torch.Tensor:
+        text_labels = labels.masked_fill(labels == self.config.image_token_id, -100)
+        if not (text_labels[:, 1:] != -100).any():
+            return logits.new_zeros((), dtype=torch.float32)
+        return ForCausalLMLoss(logits, text_labels, vocab_size=self.config.text_config.vocab_size)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_codes: torch.LongTensor | None = None,
+        semantic_codes: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> DualTokenCausalLMOutputWithPast:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(num_images, 3, H, W)`, *optional*):
+            Images for the `<image>` placeholders of `input_ids`, in order (see [`DualTokenProcessor`]).
+        pixel_codes, semantic_codes (`torch.LongTensor` of shape `(num_images, h, w, D)`, *optional*):
+            Precomputed codes instead of `pixel_values`.
+        labels (`torch.LongTensor` of shape `(B, L)`, *optional*):
+            Next-token targets as for any causal LM (`labels=input_ids` works). Text positions give the text loss;
+            a position whose label is the image placeholder id is an image generation target whose D pixel and D
+            semantic codes are predicted by the depth heads from the previous position's hidden state (eq. 6–8).
+            Use -100 at image positions that are only inputs (understanding).
+        """
+        image_mask = None
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids or inputs_embeds")
+            inputs_embeds, pixel_codes, semantic_codes = self.embed_inputs(
+                input_ids, pixel_values, pixel_codes, semantic_codes
+            )
+            image_mask = input_ids == self.config.image_token_id
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep])
+
+        loss = text_loss = pixel_loss = semantic_loss = None
+        if labels is not None:
+            if logits.shape[1] != labels.shape[1]:
+                raise ValueError("labels need logits for every position: leave logits_to_keep at 0")
+            text_loss = self._text_loss(logits, labels)
+            pixel_loss = semantic_loss = text_loss.new_zeros(())
+            if image_mask is not None and pixel_codes is not None:
+                pixel_loss = self._image_loss("pixel", hidden_states, labels, image_mask, pixel_codes)
+                semantic_loss = self._image_loss("semantic", hidden_states, labels, image_mask, semantic_codes)
+            loss = text_loss + pixel_loss + semantic_loss
+
+        return DualTokenCausalLMOutputWithPast(
+            loss=loss,
+            text_loss=text_loss,
+            pixel_loss=pixel_loss,
+            semantic_loss=semantic_loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and model_inputs.get("cache") is not None:
+            # Images were embedded at prefill; the cached steps only see new text tokens.
+            model_inputs.pop("pixel_codes", None)
+            model_inputs.pop("semantic_codes", None)
+        return model_inputs
+
+    # ----------------------------------------------------------------------------------------------- generation
+
+    def generate(self, *args, generation_mode: str = "text", **kwargs):
+        """`generation_mode="text"` (default): text generation as any HF LM, images as inputs.
+        `generation_mode="image"`: text-to-image, see [`~DualTokenForConditionalGeneration.generate_images`]."""
+        if generation_mode == "image":
+            return self.generate_images(*args, **kwargs)
+        if generation_mode != "text":
+            raise ValueError(f"generation_mode must be 'text' or 'image', got {generation_mode!r}")
+        # The saved generation config carries the image guidance scale; text generation must not apply it.
+        kwargs.setdefault("guidance_scale", None)
+        return super().generate(*args, **kwargs)
+
+    def _unconditional_input_ids(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> torch.LongTensor:
+        """Classifier-free guidance prompt: every prompt token but the final begin-of-image becomes padding."""
+        unconditional = input_ids.masked_fill(attention_mask.bool(), self.config.pad_token_id)
+        unconditional[:, -1] = input_ids[:, -1]
+        return unconditional
+
+    def _code_chooser(
+        self, guidance_scale, do_sample: bool, warpers: list[LogitsProcessorList], generator=None
+    ) -> Callable[[int, torch.Tensor], torch.LongTensor]:
+        """Per-depth sampling: guidance on [conditional; unconditional] rows, warping, then sampling."""
+
+        def choose(d: int, logits: torch.Tensor) -> torch.LongTensor:
+            logits = logits.float()
+            if guidance_scale is not None:
+                conditional, unconditional = logits.chunk(2)
+                # cond + (s - 1)(cond - uncond) == uncond + s (cond - uncond), and exactly cond for s = 1.
+                logits = conditional + (guidance_scale - 1) * (conditional - unconditional)
+            logits = warpers[d](None, logits)
+            if do_sample:
+                codes = torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
+            else:
+                codes = logits.argmax(dim=-1)
+            return codes.repeat(2) if guidance_scale is not None else codes
+
+        return choose
+
+    def _warpers(self, temperature, top_k, top_p, depth: int) -> list[LogitsProcessorList]:
+        warpers = []
+        for t, k, p in zip(
+            _per_depth(temperature, depth, "temperature"),
+            _per_depth(top_k, depth, "top_k"),
+            _per_depth(top_p, depth, "top_p"),
+        ):
+            processors = LogitsProcessorList()
+            if t is not None and t != 1.0:
+                processors.append(TemperatureLogitsWarper(t))
+            if k:
+                processors.append(TopKLogitsWarper(k))
+            if p is not None and p < 1.0:
+                processors.append(TopPLogitsWarper(p))
+            warpers.append(processors)
+        return warpers
+
+    @torch.no_grad()
+    def generate_images(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        guidance_scale: float | None = None,
+        temperature: float | list[float] | None = None,
+        top_k: int | list[int] | None = None,
+        top_p: float | list[float] | None = None,
+        do_sample: bool | None = None,
+        num_images_per_prompt: int = 1,
+        use_depth_cache: bool = True,
+        return_dict_in_generate: bool = False,
+        progress_bar: bool | None = None,
+        callback: Callable[[int, int], None] | None = None,
+        generator: torch.Generator | None = None,
+        generation_config=None,
+        **kwargs,
+    ) -> torch.LongTensor | DualTokenImageGenerationOutput:
+        r"""
+        Text-to-image: sample the pixel and semantic codes of every grid position in raster order.
+
+        At each position the LLM hidden state feeds both depth heads, which choose D codes each (eq. 5); the
+        concatenated code embeddings of both branches become the next LLM input (Fig. 3c). Classifier-free guidance
+        runs a [conditional; unconditional] batch (the unconditional prompt is padding up to the final begin-of-image
+        token) and mixes logits at every depth of both heads.
+
+        Args:
+            input_ids, attention_mask: prompts from `DualTokenProcessor(text=..., generation_mode="image")`, left
+                padded, each ending with the begin-of-image token.
+            guidance_scale: CFG scale; `None` takes the generation config's (paper: 3). 0 disables guidance (no
+                unconditional batch); 1 gives exactly the unguided samples.
+            temperature, top_k, top_p: sampling settings, one value or a list with one value per depth.
+            do_sample: sample (default) or take the most likely code at each depth.
+            num_images_per_prompt: images per prompt (rows are grouped by prompt).
+            use_depth_cache: key/value cache inside the depth heads (O(D) per position); `False` recomputes the
+                slots as the official RQ-Transformer head does. Same codes for the same seed.
+            return_dict_in_generate: return a [`DualTokenImageGenerationOutput`] with both branches' codes instead
+                of the pixel codes alone.
+            progress_bar: tqdm over positions (default: on for grids of 256 positions or more).
+            callback: called as `callback(done_positions, total_positions)` after each position.
+            generator: random generator for sampling (default: torch's global one).
+
+        Returns:
+            Pixel codes `(B * num_images_per_prompt, h, w, D)` (decode with `decode_image_tokens`), or the output
+            dataclass.
+        """
+        generation_config = generation_config or self.generation_config
+        if guidance_scale is None:
+            guidance_scale = getattr(generation_config, "guidance_scale", None)
+        guidance_scale = guidance_scale or None
+        do_sample = True if do_sample is None else do_sample
+        temperature = temperature if temperature is not None else 1.0
+        ignored = sorted(set(kwargs) - set(TEXT_ONLY_GENERATION_ARGUMENTS))
+        if ignored:
+            raise TypeError(f"generate_images got unexpected arguments {ignored}")
+        if input_ids is None or input_ids.dim() != 2:
+            raise ValueError("input_ids must be a (batch, length) tensor of generation prompts")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if (input_ids[:, -1] != self.config.boi_token_id).any():
+            raise ValueError(
+                "every prompt must end with the begin-of-image token (left padding); build prompts with "
+                "DualTokenProcessor(text=..., generation_mode='image')"
+            )
+
+        input_ids = input_ids.repeat_interleave(num_images_per_prompt, dim=0)
+        attention_mask = attention_mask.repeat_interleave(num_images_per_prompt, dim=0)
+        batch_size = input_ids.shape[0]
+        if guidance_scale is not None:
+            input_ids = torch.cat((input_ids, self._unconditional_input_ids(input_ids, attention_mask)))
+            attention_mask = attention_mask.repeat(2, 1)
+
+        side = self.config.vision_config.grid_size
+        num_positions = side * side
+        chooser = {
+            branch: self._code_chooser(
+                guidance_scale,
+                do_sample,
+                self._warpers(temperature, top_k, top_p, self._head(branch).depth),
+                generator,
+            )
+            for branch in BRANCHES
+        }
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.config.text_config)
+        hidden = self.language_model(
+            inputs_embeds=self.get_input_embeddings()(input_ids),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+        ).last_hidden_state[:, -1]
+
+        codes = {branch: [] for branch in BRANCHES}
+        show_progress = num_positions >= PROGRESS_BAR_MIN_POSITIONS if progress_bar is None else progress_bar
+        for position in tqdm(range(num_positions), desc="image positions", disable=not show_progress):
+            embedding_sums = {}
+            for branch in BRANCHES:
+                quantizer = self._quantizer(branch)
+                position_codes, embedding_sums[branch] = self._head(branch).sample(
+                    hidden, chooser[branch], quantizer.embed_codes_at_depth, use_cache=use_depth_cache
+                )
+                codes[branch].append(position_codes[:batch_size])
+            if callback is not None:
+                callback(position + 1, num_positions)
+            if position + 1 == num_positions:
+                break
+            next_embeds = self.image_projector(
+                embedding_sums["pixel"].to(self.dtype), embedding_sums["semantic"].to(self.dtype)
+            )
+            attention_mask = torch.cat((attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)), dim=1)
+            position_ids = position_ids[:, -1:] + 1
+            hidden = self.language_model(
+                inputs_embeds=next_embeds[:, None],
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
+            ).last_hidden_state[:, -1]
+
+        pixel_codes, semantic_codes = (
+            torch.stack(codes[branch], dim=1).unflatten(1, (side, side)) for branch in BRANCHES
+        )
+        if return_dict_in_generate:
+            return DualTokenImageGenerationOutput(pixel_codes=pixel_codes, semantic_codes=semantic_codes)
+        return pixel_codes
+
+    def decode_image_tokens(self, pixel_codes: torch.LongTensor) -> torch.Tensor:
+        """Generated pixel codes `(B, h, w, D)` -> images `(B, 3, H, W)` in [-1, 1] through the tokenizer's decoder
+        (only pixel codes are decoded, as in the paper). Accepts a [`DualTokenImageGenerationOutput`] too."""
+        if isinstance(pixel_codes, DualTokenImageGenerationOutput):
+            pixel_codes = pixel_codes.pixel_codes
+        with torch.no_grad():
+            return self.vision_tokenizer.decode(pixel_codes)
+
+
+__all__ = [
+    "DualTokenCausalLMOutputWithPast",
+    "DualTokenForConditionalGeneration",
+    "DualTokenImageGenerationOutput",
+    "DualTokenPreTrainedModel",
+]

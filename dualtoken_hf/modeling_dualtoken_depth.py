@@ -1,0 +1,171 @@
+"""Depth-transformer heads of the unified DualToken model (paper §3.3, eq. 5–8, after RQ-Transformer).
+
+At an image position p the LLM hidden state h_p is not classified directly: a small causal transformer runs over
+D slots, one per residual depth. Slot 1 reads h_p; slot d > 1 reads the sum of the embeddings of the codes already
+chosen at depths < d (eq. 5). Slot d's output goes through its own classifier (one per depth) to give the logits of
+the depth-d code. The pixel and the semantic branch each have one such head.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+
+SlotCache = list[tuple[torch.Tensor, torch.Tensor] | None]
+
+
+class DualTokenDepthAttention(nn.Module):
+    """Causal multi-head self-attention over depth slots, with an optional key/value cache."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} must be a multiple of num_attention_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.out = nn.Linear(hidden_size, hidden_size)
+
+    def forward(
+        self, hidden_states: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """`hidden_states` `(N, S, W)`: S new slots. With `past` (keys and values of the slots before), S must be 1."""
+        batch, slots, width = hidden_states.shape
+        query, key, value = (
+            self.qkv(hidden_states).view(batch, slots, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        )
+        if past is not None:
+            key, value = torch.cat((past[0], key), dim=2), torch.cat((past[1], value), dim=2)
+        # A single new slot sees every earlier slot; a block of slots without cache attends causally.
+        attended = F.scaled_dot_product_attention(query, key, value, is_causal=past is None and slots > 1)
+        return self.out(attended.transpose(1, 2).reshape(batch, slots, width)), (key, value)
+
+
+class DualTokenDepthLayer(nn.Module):
+    """Pre-LayerNorm transformer block: causal attention over slots, then an MLP."""
+
+    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, hidden_act: str, eps: float):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.attention = DualTokenDepthAttention(hidden_size, num_heads)
+        self.mlp_norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, intermediate_size), ACT2FN[hidden_act], nn.Linear(intermediate_size, hidden_size)
+        )
+
+    def forward(self, hidden_states, past=None):
+        attended, present = self.attention(self.attention_norm(hidden_states), past)
+        hidden_states = hidden_states + attended
+        return hidden_states + self.mlp(self.mlp_norm(hidden_states)), present
+
+
+class DualTokenDepthTransformer(nn.Module):
+    """
+    One depth head (pixel or semantic): `num_layers` causal layers over D slots and D classifiers.
+
+    Args:
+        input_size: width of the LLM hidden state h_p (slot 1 input).
+        code_dim: width C of the branch's code embeddings (slot d > 1 input, eq. 5).
+        depth: number of slots and classifiers D.
+        codebook_size: classes K of each classifier.
+        num_layers, hidden_size, num_attention_heads, intermediate_size, hidden_act, layer_norm_eps: the
+            transformer (paper: 3 layers).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        code_dim: int,
+        depth: int,
+        codebook_size: int,
+        num_layers: int,
+        hidden_size: int,
+        num_attention_heads: int,
+        intermediate_size: int,
+        hidden_act: str,
+        layer_norm_eps: float,
+    ):
+        super().__init__()
+        self.depth = depth
+        self.input_projection = nn.Linear(input_size, hidden_size)
+        self.code_projection = nn.Linear(code_dim, hidden_size)
+        self.slot_embeddings = nn.Embedding(depth, hidden_size)
+        self.layers = nn.ModuleList(
+            DualTokenDepthLayer(hidden_size, num_attention_heads, intermediate_size, hidden_act, layer_norm_eps)
+            for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.classifiers = nn.ModuleList(nn.Linear(hidden_size, codebook_size) for _ in range(depth))
+
+    def _slot_input(self, slot: int, hidden_states=None, code_embedding_sum=None) -> torch.Tensor:
+        """eq. 5: slot 1 reads h_p, slot d > 1 the sum of the code embeddings of depths < d; plus a slot embedding."""
+        source = self.input_projection(hidden_states) if slot == 0 else self.code_projection(code_embedding_sum)
+        return source + self.slot_embeddings.weight[slot]
+
+    def _run_layers(self, slot_inputs: torch.Tensor, cache: SlotCache | None = None) -> torch.Tensor:
+        hidden_states = slot_inputs
+        for index, layer in enumerate(self.layers):
+            hidden_states, present = layer(hidden_states, None if cache is None else cache[index])
+            if cache is not None:
+                cache[index] = present
+        return self.norm(hidden_states)
+
+    def forward(self, hidden_states: torch.Tensor, code_embeddings: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits of all depths (training, eq. 8).
+
+        Args:
+            hidden_states: `(N, input_size)` LLM hidden states that predict N image positions.
+            code_embeddings: `(N, D, code_dim)` embeddings of the target codes at each depth.
+
+        Returns:
+            `(N, D, codebook_size)` logits; slot d only sees the codes of depths < d.
+        """
+        prefix_sums = code_embeddings[:, :-1].cumsum(dim=1)
+        slot_inputs = torch.cat(
+            [self._slot_input(0, hidden_states=hidden_states)[:, None]]
+            + [self._slot_input(d, code_embedding_sum=prefix_sums[:, d - 1])[:, None] for d in range(1, self.depth)],
+            dim=1,
+        )
+        slot_outputs = self._run_layers(slot_inputs)
+        return torch.stack([classifier(slot_outputs[:, d]) for d, classifier in enumerate(self.classifiers)], dim=1)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        hidden_states: torch.Tensor,
+        choose_codes: Callable[[int, torch.Tensor], torch.LongTensor],
+        embed_codes: Callable[[torch.LongTensor, int], torch.Tensor],
+        use_cache: bool = True,
+    ) -> tuple[torch.LongTensor, torch.Tensor]:
+        """Choose the D codes of each row autoregressively over depth.
+
+        Args:
+            hidden_states: `(N, input_size)`.
+            choose_codes: `(d, logits (N, K)) -> codes (N,)`; sampling, guidance and warping live there.
+            embed_codes: `(codes (N,), d) -> (N, code_dim)` code embeddings of depth d.
+            use_cache: keep keys/values of earlier slots (O(D) work); `False` recomputes all slots at every depth
+                as the official RQ-Transformer head does (O(D^2)). Both give the same codes for the same seed.
+
+        Returns:
+            `(codes (N, D), embedding_sum (N, code_dim))`: the chosen codes and their embeddings summed over depth.
+        """
+        cache: SlotCache | None = [None] * len(self.layers) if use_cache else None
+        slot_inputs = [self._slot_input(0, hidden_states=hidden_states)]
+        codes, embedding_sum = [], None
+        for d in range(self.depth):
+            if use_cache:
+                slot_output = self._run_layers(slot_inputs[-1][:, None], cache)[:, -1]
+            else:
+                slot_output = self._run_layers(torch.stack(slot_inputs, dim=1))[:, -1]
+            codes.append(choose_codes(d, self.classifiers[d](slot_output)))
+            embedding = embed_codes(codes[-1], d)
+            embedding_sum = embedding if embedding_sum is None else embedding_sum + embedding
+            if d + 1 < self.depth:
+                slot_inputs.append(self._slot_input(d + 1, code_embedding_sum=embedding_sum))
+        return torch.stack(codes, dim=1), embedding_sum
+
+
+__all__ = ["DualTokenDepthTransformer"]
