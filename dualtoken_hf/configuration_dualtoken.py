@@ -1,3 +1,16 @@
+# Copyright 2025 The DualToken authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
 """Configuration of the DualToken vision tokenizer.
 
 The class defaults describe the paper's tokenizer (the official 2025 release): SigLIP so400m-patch14-384, pixel
@@ -8,8 +21,10 @@ layout (`"v2"`) and a tiny one for tests and demos.
 
 import copy
 
+from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig, SiglipVisionConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import auto_docstring
 
 
 SIGLIP_SO400M_PATCH14_384 = {
@@ -95,40 +110,44 @@ def merge_settings(preset: dict, overrides: dict) -> dict:
     return settings
 
 
+@auto_docstring(
+    custom_intro="""
+    Configuration of [`DualTokenVisionModel`], the dual-codebook vision tokenizer of DualToken (paper §3.2). The
+    defaults describe the paper's tokenizer; [`~DualTokenVisionConfig.from_preset`] gives the others.
+    """
+)
+@strict
 class DualTokenVisionConfig(PreTrainedConfig):
     r"""
-    Configuration of [`DualTokenVisionModel`], the dual-codebook vision tokenizer of DualToken (paper §3.2).
-
-    Args:
-        siglip_config (`dict` or `SiglipVisionConfig`, *optional*):
-            The SigLIP vision tower. Defaults to SigLIP so400m-patch14-384.
-        pixel_layer (`int`, *optional*, defaults to 6):
-            1-indexed encoder block whose output feeds the pixel branch (shallow features, reconstruction).
-        semantic_layer (`int`, *optional*, defaults to 26):
-            1-indexed encoder block whose output feeds the semantic branch (deep, text-aligned features).
-        shortcut_layer (`int`, *optional*):
-            1-indexed block whose projected output is added to the pixel latents (official v2: block 4).
-        shortcut_weight (`float`, *optional*, defaults to 0.6):
-            Weight of the shortcut latents in the pixel latents.
-        projection_type (`str`, *optional*, defaults to `"resconv"`):
-            `"resconv"` (paper: conv ResNet blocks) or `"attention"` (v2: attention projections) between the
-            SigLIP width and the code width.
-        causal_up_projection (`bool`, *optional*, defaults to `True`):
-            Whether attention up-projections (codes -> SigLIP width) attend causally in raster order, as the
-            official v2 does. Ignored by `"resconv"`.
-        semantic_feedback (`bool`, *optional*, defaults to `True`):
-            Run the blocks after `semantic_layer`, the post-layernorm and the pooling head on the quantized
-            semantic latents projected back to the SigLIP width (both official versions do). When `False`,
-            `encode` stops at the semantic layer and pools its unquantized output.
-        pixel_quantizer_config (`dict`, *optional*):
-            Keyword arguments of the pixel [`DualTokenResidualQuantizer`]; missing keys take the paper values.
-        semantic_quantizer_config (`dict`, *optional*):
-            The same for the semantic quantizer.
-        decoder_config (`dict`, *optional*):
-            Settings of the [`DualTokenPixelDecoder`] that do not follow from the tower (channels, blocks);
-            missing keys take the paper values.
-        initializer_range (`float`, *optional*, defaults to 0.02):
-            Standard deviation of the normal initialiser of the projections.
+    siglip_config (`dict` or `SiglipVisionConfig`, *optional*):
+        The SigLIP vision tower. Defaults to SigLIP so400m-patch14-384.
+    pixel_layer (`int`, *optional*, defaults to 6):
+        1-indexed encoder block whose output feeds the pixel branch (shallow features, reconstruction).
+    semantic_layer (`int`, *optional*, defaults to 26):
+        1-indexed encoder block whose output feeds the semantic branch (deep, text-aligned features).
+    shortcut_layer (`int`, *optional*):
+        1-indexed block whose projected output is added to the pixel latents (official v2: block 4).
+    shortcut_weight (`float`, *optional*, defaults to 0.6):
+        Weight of the shortcut latents in the pixel latents.
+    projection_type (`str`, *optional*, defaults to `"resconv"`):
+        `"resconv"` (paper: conv ResNet blocks) or `"attention"` (v2: attention projections) between the
+        SigLIP width and the code width.
+    causal_up_projection (`bool`, *optional*, defaults to `True`):
+        Whether attention up-projections (codes -> SigLIP width) attend causally in raster order, as the
+        official v2 does. Ignored by `"resconv"`.
+    semantic_feedback (`bool`, *optional*, defaults to `True`):
+        Run the blocks after `semantic_layer`, the post-layernorm and the pooling head on the quantized
+        semantic latents projected back to the SigLIP width (both official versions do). When `False`,
+        `encode` stops at the semantic layer and pools its unquantized output.
+    pixel_quantizer_config (`dict`, *optional*):
+        Keyword arguments of the pixel [`DualTokenResidualQuantizer`]; missing keys take the paper values.
+    semantic_quantizer_config (`dict`, *optional*):
+        The same for the semantic quantizer.
+    decoder_config (`dict`, *optional*):
+        Settings of the [`DualTokenPixelDecoder`] that do not follow from the tower (channels, blocks);
+        missing keys take the paper values.
+    initializer_range (`float`, *optional*, defaults to 0.02):
+        Standard deviation of the normal initialiser of the projections.
 
     Example:
 
@@ -148,20 +167,23 @@ class DualTokenVisionConfig(PreTrainedConfig):
     pixel_layer: int = 6
     semantic_layer: int = 26
     shortcut_layer: int | None = None
-    shortcut_weight: float = 0.6
+    shortcut_weight: float | int = 0.6
     projection_type: str = "resconv"
     causal_up_projection: bool = True
     semantic_feedback: bool = True
     pixel_quantizer_config: dict | None = None
     semantic_quantizer_config: dict | None = None
     decoder_config: dict | None = None
-    initializer_range: float = 0.02
+    initializer_range: float | int = 0.02
 
     def __post_init__(self, **kwargs):
         self.pixel_quantizer_config = {**QUANTIZER_DEFAULTS, **(self.pixel_quantizer_config or {})}
         self.semantic_quantizer_config = {**QUANTIZER_DEFAULTS, **(self.semantic_quantizer_config or {})}
         self.decoder_config = {**DECODER_DEFAULTS, **(self.decoder_config or {})}
         super().__post_init__(**kwargs)
+        # Reject an impossible layout here, with the plain `ValueError`: `@strict` runs the same check right after
+        # `__init__` but would wrap it in `StrictDataclassClassValidationError`, which is not a `ValueError`.
+        self.validate_architecture()
 
     def validate_architecture(self):
         """Check that the layer taps and widths describe a model that can be built."""
@@ -249,32 +271,39 @@ UNIFIED_PRESETS = {
 }
 
 
-class DualTokenConfig(PreTrainedConfig):
-    r"""
+@auto_docstring(
+    custom_intro="""
     Configuration of [`DualTokenForConditionalGeneration`], the unified MLLM of DualToken (paper §3.3, Fig. 3c).
 
     The defaults describe the paper's model: Qwen2.5-3B reading and writing images through the paper tokenizer
     (27 x 27 positions x 8 residual depths per branch at 384 px).
-
-    Args:
-        text_config (`dict` or `PreTrainedConfig`, *optional*):
-            Any causal-LM config (`model_type` selects the architecture; Qwen2 by default, Llama works too).
-        vision_config (`dict` or [`DualTokenVisionConfig`], *optional*):
-            The vision tokenizer. Defaults to the paper preset.
-        depth_head_config (`dict`, *optional*):
-            The two depth-transformer heads (eq. 5): `num_layers` (3), `hidden_size`, `num_attention_heads`,
-            `intermediate_size`, `hidden_act`, `layer_norm_eps`. The number of slots and the classifier sizes follow
-            from each branch's quantizer (depth D, codebook size K): one classifier per depth.
-        projector_hidden_act (`str`, *optional*, defaults to `"gelu"`):
-            Activation of the 2-layer MLP that maps concat(pixel, semantic code embeddings) to the LLM width.
-        freeze_vision_tokenizer (`bool`, *optional*, defaults to `True`):
-            Keep the tokenizer frozen (no gradients, eval mode, no codebook updates), as in the paper.
-        image_token_id (`int`): id of the image placeholder token, one per grid position.
-        boi_token_id (`int`): id of the begin-of-image token.
-        eoi_token_id (`int`): id of the end-of-image token.
-        pad_token_id (`int`): id of the padding token (also fills unconditional prompts for guidance).
-        tie_word_embeddings (`bool`, *optional*): tie the LM head to the input embeddings; defaults to the
-            text config's value.
+    """
+)
+@strict
+class DualTokenConfig(PreTrainedConfig):
+    r"""
+    text_config (`dict` or `PreTrainedConfig`, *optional*):
+        Any causal-LM config (`model_type` selects the architecture; Qwen2 by default, Llama works too).
+    vision_config (`dict` or [`DualTokenVisionConfig`], *optional*):
+        The vision tokenizer. Defaults to the paper preset.
+    depth_head_config (`dict`, *optional*):
+        The two depth-transformer heads (eq. 5): `num_layers` (3), `hidden_size`, `num_attention_heads`,
+        `intermediate_size`, `hidden_act`, `layer_norm_eps`. The number of slots and the classifier sizes follow
+        from each branch's quantizer (depth D, codebook size K): one classifier per depth.
+    projector_hidden_act (`str`, *optional*, defaults to `"gelu"`):
+        Activation of the 2-layer MLP that maps concat(pixel, semantic code embeddings) to the LLM width.
+    freeze_vision_tokenizer (`bool`, *optional*, defaults to `True`):
+        Keep the tokenizer frozen (no gradients, eval mode, no codebook updates), as in the paper.
+    image_token_id (`int`, *optional*, defaults to 151665):
+        Id of the image placeholder token, one per grid position.
+    boi_token_id (`int`, *optional*, defaults to 151666):
+        Id of the begin-of-image token.
+    eoi_token_id (`int`, *optional*, defaults to 151667):
+        Id of the end-of-image token.
+    pad_token_id (`int`, *optional*, defaults to 151643):
+        Id of the padding token (also fills unconditional prompts for guidance).
+    tie_word_embeddings (`bool`, *optional*):
+        Tie the LM head to the input embeddings; defaults to the text config's value.
     """
 
     model_type = "dualtoken"

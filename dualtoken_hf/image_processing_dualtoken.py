@@ -29,10 +29,12 @@ from transformers.image_utils import (
     IMAGENET_STANDARD_MEAN,
     IMAGENET_STANDARD_STD,
     ChannelDimension,
+    ImageInput,
     PILImageResampling,
     SizeDict,
 )
-from transformers.utils import is_torch_available
+from transformers.processing_utils import ImagesKwargs, Unpack
+from transformers.utils import auto_docstring, is_torch_available
 
 
 if is_torch_available():
@@ -50,8 +52,8 @@ _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 _FLOAT_RANGE_TOLERANCE = 1e-3
 
 
-class DualTokenImageProcessor(PilBackend):
-    r"""
+@auto_docstring(
+    custom_intro="""
     Image processor of the DualToken vision tokenizer, following the SigLIP recipe of its semantic encoder.
 
     Every image goes through:
@@ -82,22 +84,15 @@ class DualTokenImageProcessor(PilBackend):
     Anything else (an empty list, a zero-size image, 2 or 5 channels, NaN/inf, out-of-range values, a wrong number
     of dimensions, an unreadable path, a non-image object) raises `ValueError` naming the problem.
 
-    Args:
-        size (`dict[str, int]` or `int`, *optional*, defaults to `{"shortest_edge": 384}`):
-            Resize target: `{"shortest_edge": n}` keeps the aspect ratio, `{"height": h, "width": w}` resizes to
-            exactly that size.
-        crop_size (`dict[str, int]` or `int`, *optional*, defaults to `{"height": 384, "width": 384}`):
-            Size of the center crop taken after resizing.
-        resample (`PILImageResampling`, *optional*, defaults to `PILImageResampling.BICUBIC`):
-            PIL resampling filter used by the resize.
-        do_resize, do_center_crop, do_rescale, do_normalize (`bool`, *optional*, default to `True`):
-            Switch off one step of the pipeline.
-        rescale_factor (`float`, *optional*, defaults to `1/255`):
-            Factor that maps 0..255 values to [0, 1].
-        image_mean, image_std (`tuple[float, float, float]`, *optional*, default to `(0.5, 0.5, 0.5)`):
-            Normalization statistics; the defaults map [0, 1] to [-1, 1].
-    """
+    Settings (constructor arguments, each also a per-call override of `preprocess`): `size` is
+    `{"shortest_edge": n}` (keeps the aspect ratio, the default with n = 384) or `{"height": h, "width": w}` (exactly
+    that size); `crop_size` is the center crop taken after resizing; `resample` the PIL filter of the resize;
+    `do_resize`, `do_center_crop`, `do_rescale` and `do_normalize` (all `True`) switch off one step; `rescale_factor`
+    (1/255) maps 0..255 to [0, 1]; `image_mean` and `image_std` (0.5 each) then map [0, 1] to [-1, 1].
 
+    """
+)
+class DualTokenImageProcessor(PilBackend):
     resample = PILImageResampling.BICUBIC
     image_mean = IMAGENET_STANDARD_MEAN
     image_std = IMAGENET_STANDARD_STD
@@ -135,21 +130,21 @@ class DualTokenImageProcessor(PilBackend):
         }
         return cls(**{**preset_kwargs, **kwargs})
 
-    def preprocess(self, images, **kwargs) -> BatchFeature:
-        """
-        Preprocess an image or a batch of images into `pixel_values` in [-1, 1].
+    @auto_docstring(
+        custom_intro="""
+        Preprocess an image or a batch of images into `pixel_values` in [-1, 1]. Every constructor argument (`size`,
+        `crop_size`, `resample`, `do_resize`, ...) can be overridden for one call. `return_tensors="pt"` gives a
+        float32 `torch.Tensor` of shape `(B, 3, H, W)`, `"np"` a NumPy array of that shape and `None` a list of
+        `(3, H, W)` float32 arrays; `input_data_format` (`"channels_first"` or `"channels_last"`) settles 3-D
+        arrays/tensors whose layout is ambiguous.
 
-        Args:
-            images:
-                A single image, a list/tuple of images (sizes may differ) or a 4-D batch; see the class docstring for
-                the accepted types, modes, layouts and value ranges.
-            return_tensors (`str` or `TensorType`, *optional*):
-                `"pt"` for a float32 `torch.Tensor` of shape `(B, 3, H, W)`, `"np"` for a NumPy array of that shape,
-                `None` for a list of `(3, H, W)` float32 arrays.
-            input_data_format (`str` or `ChannelDimension`, *optional*):
-                `"channels_first"` or `"channels_last"`, to read 3-D arrays/tensors whose layout is ambiguous.
-            kwargs:
-                Per-call overrides of the constructor arguments (`size`, `crop_size`, `resample`, `do_resize`, ...).
+        """
+    )
+    def preprocess(self, images: ImageInput, **kwargs: Unpack[ImagesKwargs]) -> BatchFeature:
+        r"""
+        images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, `str`, or a list of those):
+            A single image, a list/tuple of images (sizes may differ) or a 4-D batch; see the class docstring for
+            the accepted types, modes, layouts and value ranges.
 
         Returns:
             [`~transformers.BatchFeature`] with a single key, `pixel_values`.

@@ -1,3 +1,16 @@
+# Copyright 2025 The DualToken authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
 """The unified DualToken MLLM (paper §3.3, Fig. 3c, eq. 5–8): one LLM that reads and writes images.
 
 An image enters the LLM as one embedding per grid position: the pixel and the semantic code embeddings (each summed
@@ -12,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, Cache, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -20,7 +33,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 from transformers.loss.loss_utils import ForCausalLMLoss
-from transformers.utils import ModelOutput, logging
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, auto_docstring, logging
 from transformers.utils.logging import tqdm
 
 from .configuration_dualtoken import DualTokenConfig
@@ -39,6 +53,11 @@ DEFAULT_GUIDANCE_SCALE = 3.0  # paper §4.1
 EXTRA_AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForMultimodalLM")
 
 
+@auto_docstring(
+    custom_intro="""
+    Output of [`DualTokenForConditionalGeneration.forward`]: text logits and, with `labels`, the losses of eq. 6-8.
+    """
+)
 @dataclass
 class DualTokenCausalLMOutputWithPast(ModelOutput):
     r"""
@@ -49,7 +68,6 @@ class DualTokenCausalLMOutputWithPast(ModelOutput):
     semantic_loss (`torch.FloatTensor`, *optional*): the same for the semantic codes (second half of eq. 8).
     logits (`torch.FloatTensor` of shape `(B, L, vocab)`): text logits.
     cache (`Cache`, *optional*): the LLM's key/value cache.
-    hidden_states, attentions: as returned by the LLM when requested.
     """
 
     loss: torch.FloatTensor | None = None
@@ -62,6 +80,11 @@ class DualTokenCausalLMOutputWithPast(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
+@auto_docstring(
+    custom_intro="""
+    Output of `generate(..., generation_mode="image", return_dict_in_generate=True)`: the codes of both branches.
+    """
+)
 @dataclass
 class DualTokenImageGenerationOutput(ModelOutput):
     r"""
@@ -96,6 +119,7 @@ def _per_depth(value, depth: int, name: str) -> list:
     return [value] * depth
 
 
+@auto_docstring
 class DualTokenPreTrainedModel(PreTrainedModel):
     config: DualTokenConfig
     base_model_prefix = "dualtoken"
@@ -112,8 +136,8 @@ class DualTokenPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False
 
 
-class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixin):
-    r"""
+@auto_docstring(
+    custom_intro="""
     The unified DualToken model: image understanding (`generate` as any HF LM) and text-to-image generation
     (`generate(..., generation_mode="image")`).
 
@@ -131,7 +155,8 @@ class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixi
     >>> images = processor.postprocess(model.decode_image_tokens(pixel_codes))
     ```
     """
-
+)
+class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "language_model.embed_tokens.weight"}
 
     def __init__(self, config: DualTokenConfig):
@@ -154,6 +179,9 @@ class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixi
             )
             for quantizer in (pixel, semantic)
         )
+        # CODEPATH: the paper's model keeps the tokenizer frozen: the `dualtoken-3b` and `tiny` presets and every
+        # folder `build_tiny_unified` writes (no official unified checkpoint was released). `False` is for runs that
+        # fine-tune the tokenizer jointly with the LLM; no checkpoint of ours sets it.
         if config.freeze_vision_tokenizer:
             self.vision_tokenizer.requires_grad_(False)
         self.post_init()
@@ -166,6 +194,8 @@ class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixi
     def train(self, mode: bool = True):
         """Like `nn.Module.train`, but a frozen tokenizer stays in eval mode (no EMA codebook updates)."""
         super().train(mode)
+        # CODEPATH: frozen tokenizer (the paper's model, all presets): no EMA codebook updates while the LLM trains;
+        # `freeze_vision_tokenizer=False` (joint fine-tuning runs, no released checkpoint) trains it as usual.
         if self.config.freeze_vision_tokenizer:
             self.vision_tokenizer.eval()
         return self
@@ -258,6 +288,7 @@ class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixi
             return logits.new_zeros((), dtype=torch.float32)
         return ForCausalLMLoss(logits, text_labels, vocab_size=self.config.text_config.vocab_size)
 
+    @auto_docstring
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -266,23 +297,29 @@ class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixi
         semantic_codes: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        cache=None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> DualTokenCausalLMOutputWithPast:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(num_images, 3, H, W)`, *optional*):
             Images for the `<image>` placeholders of `input_ids`, in order (see [`DualTokenProcessor`]).
-        pixel_codes, semantic_codes (`torch.LongTensor` of shape `(num_images, h, w, D)`, *optional*):
-            Precomputed codes instead of `pixel_values`.
+        pixel_codes (`torch.LongTensor` of shape `(num_images, h, w, D)`, *optional*):
+            Precomputed pixel codes instead of `pixel_values` (given together with `semantic_codes`).
+        semantic_codes (`torch.LongTensor` of shape `(num_images, h, w, D)`, *optional*):
+            Precomputed semantic codes instead of `pixel_values` (given together with `pixel_codes`).
         labels (`torch.LongTensor` of shape `(B, L)`, *optional*):
             Next-token targets as for any causal LM (`labels=input_ids` works). Text positions give the text loss;
             a position whose label is the image placeholder id is an image generation target whose D pixel and D
             semantic codes are predicted by the depth heads from the previous position's hidden state (eq. 6–8).
             Use -100 at image positions that are only inputs (understanding).
+
+        Returns:
+            [`DualTokenCausalLMOutputWithPast`]: the text logits, the LLM's cache, hidden states and attentions when
+            requested, and with `labels` the loss of eq. 6 with its text, pixel and semantic terms.
         """
         image_mask = None
         if inputs_embeds is None:

@@ -1,3 +1,16 @@
+# Copyright 2025 The DualToken authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
 """Depth-transformer heads of the unified DualToken model (paper §3.3, eq. 5–8, after RQ-Transformer).
 
 At an image position p the LLM hidden state h_p is not classified directly: a small causal transformer runs over
@@ -11,6 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import GradientCheckpointingLayer
 from transformers.activations import ACT2FN
 
 
@@ -44,7 +58,20 @@ class DualTokenDepthAttention(nn.Module):
         return self.out(attended.transpose(1, 2).reshape(batch, slots, width)), (key, value)
 
 
-class DualTokenDepthLayer(nn.Module):
+class DualTokenDepthMLP(nn.Module):
+    """The feed-forward half of a depth layer: `fc2(act(fc1(x)))`."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.act = ACT2FN[hidden_act]
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+class DualTokenDepthLayer(GradientCheckpointingLayer):
     """Pre-LayerNorm transformer block: causal attention over slots, then an MLP."""
 
     def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, hidden_act: str, eps: float):
@@ -52,9 +79,7 @@ class DualTokenDepthLayer(nn.Module):
         self.attention_norm = nn.LayerNorm(hidden_size, eps=eps)
         self.attention = DualTokenDepthAttention(hidden_size, num_heads)
         self.mlp_norm = nn.LayerNorm(hidden_size, eps=eps)
-        self.mlp = nn.Sequential(
-            nn.Linear(hidden_size, intermediate_size), ACT2FN[hidden_act], nn.Linear(intermediate_size, hidden_size)
-        )
+        self.mlp = DualTokenDepthMLP(hidden_size, intermediate_size, hidden_act)
 
     def forward(self, hidden_states, past=None):
         attended, present = self.attention(self.attention_norm(hidden_states), past)

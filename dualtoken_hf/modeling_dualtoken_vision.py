@@ -1,3 +1,16 @@
+# Copyright 2025 The DualToken authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
 """The DualToken vision tokenizer (paper §3.2, Fig. 2): one SigLIP tower, two residual codebooks.
 
 A shallow block's output (plus an optional shortcut from an earlier block) is projected to the pixel latents and
@@ -14,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, SiglipVisionModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, auto_docstring, can_return_tuple
 
 from .configuration_dualtoken import DualTokenVisionConfig
 from .modeling_dualtoken_decoder import DualTokenPixelDecoder
@@ -25,12 +38,15 @@ from .quantization_dualtoken import DualTokenResidualQuantizer
 BRANCHES = ("pixel", "semantic")
 
 
+@auto_docstring(
+    custom_intro="""
+    Output of [`DualTokenVisionModel.encode`] and [`DualTokenVisionModel.forward`]. Grids are `(B, h, w, ...)`
+    in raster order; `D` is the residual depth.
+    """
+)
 @dataclass
 class DualTokenVisionOutput(ModelOutput):
     r"""
-    Output of [`DualTokenVisionModel.encode`] and [`DualTokenVisionModel.forward`]. Grids are `(B, h, w, ...)`
-    in raster order; `D` is the residual depth.
-
     pixel_codes (`torch.LongTensor` of shape `(B, h, w, D)`):
         Pixel codebook indices.
     semantic_codes (`torch.LongTensor` of shape `(B, h, w, D)`):
@@ -51,8 +67,10 @@ class DualTokenVisionOutput(ModelOutput):
         Output of the post-layernorm, the input of the pooling head.
     pooler_output (`torch.FloatTensor` of shape `(B, hidden)`):
         Output of the SigLIP attention-pooling head.
-    pixel_commitment_loss, semantic_commitment_loss (`torch.FloatTensor` scalars):
-        Eq. 1 for each branch.
+    pixel_commitment_loss (`torch.FloatTensor` scalar):
+        Eq. 1 for the pixel branch.
+    semantic_commitment_loss (`torch.FloatTensor` scalar):
+        Eq. 1 for the semantic branch.
     commitment_loss (`torch.FloatTensor` scalar):
         Their sum, the `L_c1 + L_c2` of eq. 2.
     reconstruction (`torch.FloatTensor` of shape `(B, 3, H, W)`, *forward only*):
@@ -82,13 +100,15 @@ class DualTokenVisionOutput(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
+@auto_docstring
 class DualTokenVisionPreTrainedModel(PreTrainedModel):
     config: DualTokenVisionConfig
     base_model_prefix = "dualtoken_vision"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
-    _no_split_modules = ["SiglipEncoderLayer", "SiglipMultiheadAttentionPoolingHead", "DualTokenPixelDecoder"]
+    # The SigLIP tower's own entries (encoder layers, pooling head) are collected from `self.siglip` by `post_init`.
+    _no_split_modules = ["DualTokenPixelDecoder"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -111,8 +131,8 @@ class DualTokenVisionPreTrainedModel(PreTrainedModel):
             super()._init_weights(module)
 
 
-class DualTokenVisionModel(DualTokenVisionPreTrainedModel):
-    r"""
+@auto_docstring(
+    custom_intro="""
     The DualToken vision tokenizer: `encode` images into pixel and semantic codes, `decode` pixel codes into images,
     `forward` for training (reconstruction plus both branches' commitment losses).
 
@@ -132,7 +152,8 @@ class DualTokenVisionModel(DualTokenVisionPreTrainedModel):
     >>> images = processor.postprocess(model.decode(codes.pixel_codes))
     ```
     """
-
+)
+class DualTokenVisionModel(DualTokenVisionPreTrainedModel):
     def __init__(self, config: DualTokenVisionConfig):
         super().__init__(config)
         config.validate_architecture()
@@ -143,6 +164,8 @@ class DualTokenVisionModel(DualTokenVisionPreTrainedModel):
         self.siglip = SiglipVisionModel(config.siglip_config)
         self.pixel_projection = build_projection(config.projection_type, hidden, pixel_dim)
         self.shortcut_projection = (
+            # CODEPATH: v2 release (and the tiny preset) add a projected shortcut from an earlier block (v2: block 4,
+            # x0.6) to the pixel latents; the paper (v1) release has no shortcut (`shortcut_layer=None`).
             build_projection(config.projection_type, hidden, pixel_dim) if config.shortcut_layer is not None else None
         )
         self.semantic_projection = build_projection(config.projection_type, hidden, semantic_dim)
@@ -205,8 +228,12 @@ class DualTokenVisionModel(DualTokenVisionPreTrainedModel):
         for index, layer in enumerate(layers[: config.semantic_layer], start=1):
             hidden_states = layer(hidden_states, None)
             all_hidden_states.append(hidden_states)
+            # CODEPATH: v2 release taps the shortcut at block 4 (tiny preset: block 1); the paper (v1) release has
+            # `shortcut_layer=None`, so no index matches and this never runs.
             if index == config.shortcut_layer:
                 shortcut_latents = self.shortcut_projection(self._to_grid(hidden_states))
+            # CODEPATH: every checkpoint taps the pixel branch at exactly one block (paper and v2 releases: block 6,
+            # tiny preset: block 2); the other blocks only pass through.
             if index == config.pixel_layer:
                 pixel_latents = self.pixel_projection(self._to_grid(hidden_states))
         if shortcut_latents is not None:
@@ -216,6 +243,9 @@ class DualTokenVisionModel(DualTokenVisionPreTrainedModel):
         semantic_latents = self.semantic_projection(self._to_grid(hidden_states))
         semantic = self.semantic_quantizer(semantic_latents)
 
+        # CODEPATH: both official releases (paper/v1 and v2) and every preset feed the quantized semantics back
+        # through the remaining blocks and the pooling head. `semantic_feedback=False` is no released checkpoint: it
+        # is the ablation that pools the unquantized semantic layer (kept for experiments, covered by the tests).
         if config.semantic_feedback:
             semantic_features = self.semantic_up_projection(semantic.quantized_latents).flatten(1, 2)
             hidden_states = semantic_features
@@ -275,20 +305,31 @@ class DualTokenVisionModel(DualTokenVisionPreTrainedModel):
         """Summed pixel code embeddings `(B, h, w, C)` -> images `(B, 3, H, W)`."""
         return self.pixel_decoder(pixel_embeddings.to(self.dtype)).sample
 
-    def forward(
-        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, return_dict: bool = True
-    ) -> DualTokenVisionOutput | tuple:
-        """Encode, then reconstruct from the straight-through pixel embeddings (the training forward).
+    @can_return_tuple
+    @auto_docstring(
+        custom_intro="""
+        Encode, then reconstruct from the straight-through pixel embeddings (the training forward).
 
-        In training mode the quantizers also update their codebooks by EMA and restart dead codes.
-        Returns the [`DualTokenVisionOutput`] of `encode` with `reconstruction` and `reconstruction_loss` added.
-        Weighting the terms (eq. 2) and the perceptual, adversarial and semantic losses belong to the training
-        script, which owns the extra networks they need.
+        In training mode the quantizers also update their codebooks by EMA and restart dead codes. Weighting the
+        terms (eq. 2) and the perceptual, adversarial and semantic losses belong to the training script, which owns
+        the extra networks they need. Keyword arguments go to [`~DualTokenVisionModel.encode`]:
+        `output_hidden_states=True` returns the patch embeddings and every block's output that was run as
+        `hidden_states`. `return_dict=False` returns a tuple.
         """
-        output = self.encode(pixel_values, output_hidden_states=output_hidden_states)
+    )
+    def forward(self, pixel_values: torch.Tensor, **kwargs) -> DualTokenVisionOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, image_size, image_size)`):
+            Images normalized to [-1, 1] by [`DualTokenImageProcessor`].
+
+        Returns:
+            [`DualTokenVisionOutput`]: the output of `encode` with `reconstruction` and `reconstruction_loss` added.
+        """
+        # `encode` owns the hidden-state collection (`output_hidden_states` is its public argument).
+        output = self.encode(pixel_values, **kwargs)
         output.reconstruction = self.decode_embeddings(output.pixel_embeddings)
         output.reconstruction_loss = F.mse_loss(output.reconstruction.float(), pixel_values.float())
-        return output if return_dict else output.to_tuple()
+        return output
 
 
 __all__ = ["DualTokenVisionModel", "DualTokenVisionOutput", "DualTokenVisionPreTrainedModel"]

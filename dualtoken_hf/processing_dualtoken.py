@@ -23,8 +23,9 @@ import os
 import numpy as np
 import PIL.Image
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_utils import ImageInput
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
-from transformers.utils import is_torch_available
+from transformers.utils import auto_docstring, is_torch_available
 
 from .image_processing_dualtoken import DualTokenImageProcessor
 
@@ -70,8 +71,12 @@ def default_chat_template(image_token: str = "<image>") -> str:
 class DualTokenProcessorKwargs(ProcessingKwargs, total=False):
     """
     generation_mode (`str`, *optional*, defaults to `"text"`):
-        `"text"` prepares understanding / chat inputs; `"image"` prepares text-to-image prompts (see
-        [`DualTokenProcessor.__call__`]).
+        `"text"`: the prompts are used as given (understanding, chat turns rendered by
+        [`~DualTokenProcessor.apply_chat_template`]). `"image"`: text-to-image prompts. Each prompt becomes a user
+        turn followed by the assistant generation prompt of the chat template (unless `use_chat_template=False`, or
+        the prompt already contains a special token of the tokenizer such as `<|im_start|>`, i.e. it was formatted
+        already), and `boi_token` is appended so that the model continues with image positions. Images are not
+        allowed in this mode.
     use_chat_template (`bool`, *optional*, defaults to `True`):
         In `generation_mode="image"`, wrap each raw prompt in the chat template (a user turn followed by the assistant
         generation prompt). `False` keeps the raw prompt.
@@ -81,8 +86,8 @@ class DualTokenProcessorKwargs(ProcessingKwargs, total=False):
     use_chat_template: bool
 
 
-class DualTokenProcessor(ProcessorMixin):
-    r"""
+@auto_docstring(
+    custom_intro="""
     Processor of [`DualTokenForConditionalGeneration`]: a text tokenizer, a [`DualTokenImageProcessor`] and a chat
     template.
 
@@ -94,24 +99,9 @@ class DualTokenProcessor(ProcessorMixin):
     `generate` continues every prompt right after its last token; the model handles left padding through the
     attention mask. Pass `padding_side="right"` to a call to change this for that call (e.g. for training).
 
-    Args:
-        image_processor ([`DualTokenImageProcessor`]):
-            Turns images into `pixel_values` in [-1, 1] and decoded pixels back into PIL images.
-        tokenizer ([`PreTrainedTokenizerBase`]):
-            Any fast tokenizer that has `image_token`, `boi_token` and `eoi_token` as added (special) tokens.
-        chat_template (`str`, *optional*):
-            A Jinja chat template. Defaults to [`default_chat_template`] (ChatML, Qwen2.5 format).
-        num_image_tokens (`int`, *optional*, defaults to 729):
-            Positions per image, i.e. the side of the tokenizer's grid squared: 27 × 27 = 729 for the 384 px
-            `paper`/`v2` tokenizers, 8 × 8 = 64 for the `tiny` one.
-        image_token (`str`, *optional*):
-            Placeholder of one grid position. Defaults to the tokenizer's `image_token` attribute, else `"<image>"`.
-        boi_token (`str`, *optional*):
-            Opens an image. Defaults to the tokenizer's `boi_token` attribute, else `"<begin_of_image>"`.
-        eoi_token (`str`, *optional*):
-            Closes an image. Defaults to the tokenizer's `eoi_token` attribute, else `"<end_of_image>"`.
     """
-
+)
+class DualTokenProcessor(ProcessorMixin):
     valid_processor_kwargs = DualTokenProcessorKwargs
     # Lowest-priority defaults of `_merge_kwargs`: pad batches (to the longest prompt) on the left, and never return
     # token type ids, which the model does not take.
@@ -129,6 +119,23 @@ class DualTokenProcessor(ProcessorMixin):
         eoi_token: str | None = None,
         **kwargs,
     ):
+        r"""
+        image_processor ([`DualTokenImageProcessor`]):
+            Turns images into `pixel_values` in [-1, 1] and decoded pixels back into PIL images.
+        tokenizer ([`PreTrainedTokenizerBase`]):
+            Any fast tokenizer that has `image_token`, `boi_token` and `eoi_token` as added (special) tokens.
+        chat_template (`str`, *optional*):
+            A Jinja chat template. Defaults to [`default_chat_template`] (ChatML, Qwen2.5 format).
+        num_image_tokens (`int`, *optional*, defaults to 729):
+            Positions per image, i.e. the side of the tokenizer's grid squared: 27 × 27 = 729 for the 384 px
+            `paper`/`v2` tokenizers, 8 × 8 = 64 for the `tiny` one.
+        image_token (`str`, *optional*):
+            Placeholder of one grid position. Defaults to the tokenizer's `image_token` attribute, else `"<image>"`.
+        boi_token (`str`, *optional*):
+            Opens an image. Defaults to the tokenizer's `boi_token` attribute, else `"<begin_of_image>"`.
+        eoi_token (`str`, *optional*):
+            Closes an image. Defaults to the tokenizer's `eoi_token` attribute, else `"<end_of_image>"`.
+        """
         if isinstance(num_image_tokens, bool) or not isinstance(num_image_tokens, int) or num_image_tokens < 1:
             raise ValueError(
                 "num_image_tokens must be a positive int (grid side squared, e.g. 729 or 64), got "
@@ -162,13 +169,8 @@ class DualTokenProcessor(ProcessorMixin):
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values"]
 
-    def __call__(
-        self,
-        text: str | list[str] | None = None,
-        images=None,
-        **kwargs: Unpack[DualTokenProcessorKwargs],
-    ) -> BatchFeature:
-        r"""
+    @auto_docstring(
+        custom_intro="""
         Tokenize prompts and preprocess their images.
 
         Every `image_token` in the text stands for one image and is expanded to `boi_token` + `image_token` ×
@@ -177,27 +179,24 @@ class DualTokenProcessor(ProcessorMixin):
         its prompt: all images to the single prompt, one image per prompt when there are as many images as prompts,
         or `images[i]` (a list) to prompt i when images come as one list per prompt.
 
-        Args:
-            text (`str` or `list[str]`, *optional*):
-                One prompt or a batch of prompts.
-            images (*optional*):
-                One image or several: `PIL.Image.Image`, `numpy.ndarray`, `torch.Tensor`, a path or URL, a list of
-                those, a 4-D batch, or a list with one list of images per prompt. See [`DualTokenImageProcessor`].
-            generation_mode (`str`, *optional*, defaults to `"text"`):
-                `"text"`: the prompts are used as given (understanding, chat turns rendered by
-                [`~DualTokenProcessor.apply_chat_template`]). `"image"`: text-to-image prompts. Each prompt becomes a
-                user turn followed by the assistant generation prompt of the chat template (unless
-                `use_chat_template=False`, or the prompt already contains a special token of the tokenizer such as
-                `<|im_start|>`, i.e. it was formatted already), and `boi_token` is appended so that the model
-                continues with image positions. Images are not allowed in this mode.
-            use_chat_template (`bool`, *optional*, defaults to `True`):
-                See `generation_mode`.
-            return_tensors (`str`, *optional*):
-                `"pt"` or `"np"` for tensors/arrays; `None` (default) for lists.
-            padding (`bool` or `str`, *optional*, defaults to `True`):
-                Pad a batch to its longest prompt, on the left unless `padding_side="right"` is passed.
-            kwargs:
-                Further tokenizer (`truncation`, `max_length`, ...) and image processor arguments.
+        Batches are padded to the longest prompt (`padding=True`), on the left unless `padding_side="right"` is
+        passed. Further tokenizer (`truncation`, `max_length`, ...) and image processor arguments are passed on;
+        `return_tensors` is `"pt"`, `"np"` or `None` (default, lists).
+
+        """
+    )
+    def __call__(
+        self,
+        text: str | list[str] | None = None,
+        images: ImageInput | None = None,
+        **kwargs: Unpack[DualTokenProcessorKwargs],
+    ) -> BatchFeature:
+        r"""
+        text (`str` or `list[str]`, *optional*):
+            One prompt or a batch of prompts.
+        images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, `str`, or a list of those, *optional*):
+            One image or several: `PIL.Image.Image`, `numpy.ndarray`, `torch.Tensor`, a path or URL, a list of
+            those, a 4-D batch, or a list with one list of images per prompt. See [`DualTokenImageProcessor`].
 
         Returns:
             [`~transformers.BatchFeature`] with `input_ids`, `attention_mask` and, when images are given,

@@ -1,8 +1,20 @@
-# Copyright 2025 The DualToken-HF authors. Licensed under the Apache License, Version 2.0.
+# Copyright 2025 The DualToken authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
 """Residual quantizer of the DualToken vision tokenizer (RQ-VAE style, EMA codebooks, dead-code restart).
 
-Self-contained on purpose (imports only torch and transformers' `ModelOutput`) so it can ship in a Hub repository
-as remote code.
+Self-contained on purpose (imports only torch and transformers' `ModelOutput` and `auto_docstring`) so it can ship in a
+Hub repository as remote code.
 """
 
 import math
@@ -11,24 +23,22 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, auto_docstring
 
 
+@auto_docstring(custom_intro="Output of [`DualTokenResidualQuantizer`].")
 @dataclass
 class ResidualQuantizerOutput(ModelOutput):
-    """
-    Output of [`DualTokenResidualQuantizer`].
-
-    Args:
-        quantized_latents (`torch.FloatTensor` of shape `(batch_size, height, width, code_dim)`):
-            Straight-through quantized latents: `latents + (sum_d embeddings_d - latents).detach()`. The value is the
-            sum of the D looked-up embeddings, the gradient with respect to `latents` is the identity. Same dtype as
-            the latents.
-        codes (`torch.LongTensor` of shape `(batch_size, height, width, depth)`):
-            Codebook indices chosen at each depth.
-        commitment_loss (`torch.FloatTensor` of shape `()`):
-            Eq. 1 commitment loss, the mean over depths d of `mean((latents - sg(partial_sum_d))**2)` ("cumsum"
-            variant, no beta inside). Same dtype as the latents.
+    r"""
+    quantized_latents (`torch.FloatTensor` of shape `(batch_size, height, width, code_dim)`):
+        Straight-through quantized latents: `latents + (sum_d embeddings_d - latents).detach()`. The value is the
+        sum of the D looked-up embeddings, the gradient with respect to `latents` is the identity. Same dtype as
+        the latents.
+    codes (`torch.LongTensor` of shape `(batch_size, height, width, depth)`):
+        Codebook indices chosen at each depth.
+    commitment_loss (`torch.FloatTensor` of shape `()`):
+        Eq. 1 commitment loss, the mean over depths d of `mean((latents - sg(partial_sum_d))**2)` ("cumsum"
+        variant, no beta inside). Same dtype as the latents.
     """
 
     quantized_latents: torch.FloatTensor | None = None
@@ -94,9 +104,9 @@ class DualTokenResidualQuantizer(nn.Module):
         self.official_ema_quirk = official_ema_quirk
 
         num_codebooks = 1 if shared_codebook else depth
-        self.register_buffer("codebook", torch.empty(num_codebooks, codebook_size, code_dim))
-        self.register_buffer("cluster_size_ema", torch.empty(num_codebooks, codebook_size))
-        self.register_buffer("embed_ema", torch.empty(num_codebooks, codebook_size, code_dim))
+        self.codebook = nn.Buffer(torch.empty(num_codebooks, codebook_size, code_dim))
+        self.cluster_size_ema = nn.Buffer(torch.empty(num_codebooks, codebook_size))
+        self.embed_ema = nn.Buffer(torch.empty(num_codebooks, codebook_size, code_dim))
         self.reset_parameters()
 
     @property
