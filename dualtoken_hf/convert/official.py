@@ -33,6 +33,11 @@ QUANTIZERS = {
     "paper": {"quantizer": "pixel_quantizer", "quantizer_semantic": "semantic_quantizer"},
     "v2": {"quantizer_pix": "pixel_quantizer", "quantizer_sem": "semantic_quantizer"},
 }
+# The pixel decoder's official modules: the post-quant projection, the post-quant ResNet block and the conv decoder.
+DECODER_MODULES = {
+    "paper": ("postquant_visual", "post_quant_conv", "decoder"),
+    "v2": ("postquant_pix", "post_quant_conv", "decoder"),
+}
 # v1 taps sit at fixed 0-based offsets from the last block; towers shorter than the offset cannot run the
 # official code, and the reference tiny build used offset 4 instead (reference README §2, patch C).
 V1_PIXEL_OFFSET, V1_SHORT_TOWER_PIXEL_OFFSET, V1_SEMANTIC_OFFSET = 22, 4, 2
@@ -130,6 +135,21 @@ def _convert_quantizer(state_dict: dict, prefix: str, settings: dict) -> dict:
     return {"codebook": tables["weight"], "embed_ema": tables["embed_ema"], "cluster_size_ema": tables["cluster_size_ema"]}
 
 
+def _prefixes(module_names) -> tuple[str, ...]:
+    return tuple(f"{name}." for name in module_names)
+
+
+def official_module_prefixes(version: str) -> tuple[str, ...]:
+    """Key prefixes of every official module that `official_to_hf` converts or drops for `version`."""
+    return (
+        SIGLIP_PREFIX,
+        *DROPPED_PREFIXES,
+        *_prefixes(PROJECTIONS[version]),
+        *_prefixes(QUANTIZERS[version]),
+        *_prefixes(DECODER_MODULES[version]),
+    )
+
+
 def official_to_hf(
     state_dict: dict,
     version: str = "paper",
@@ -182,7 +202,7 @@ def official_to_hf(
         layers_per_block=config.decoder_config["layers_per_block"],
     )
     converted.update({f"pixel_decoder.{key}": value for key, value in decoder_state.items()})
-    used.update(key for key in source if key.startswith(("decoder.", "post_quant_conv.", "postquant_pix.", "postquant_visual.")))
+    used.update(key for key in source if key.startswith(_prefixes(DECODER_MODULES[version])))
 
     leftover = sorted(set(source) - used)
     if leftover:
@@ -190,4 +210,4 @@ def official_to_hf(
     return config, converted
 
 
-__all__ = ["official_to_hf", "official_config_to_hf"]
+__all__ = ["official_config_to_hf", "official_module_prefixes", "official_to_hf"]
