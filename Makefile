@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test clean
+.PHONY: venv test demo clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,24 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Trains the tiny tokenizer on scikit-image's photos (offline, a few CPU minutes); writes outputs/demo_*.
+demo: $(STAMP)
+	$(PY) examples/demo_tokenizer.py --output_dir outputs
+
+# Fashion-MNIST (Debian package `dataset-fashion-mnist`, MIT) for examples/experiments/table3_mini.py.
+.PHONY: fashion-mnist table3-mini
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+fashion-mnist: $(FASHION_MNIST)
+
+$(FASHION_MNIST):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+table3-mini: $(STAMP) $(FASHION_MNIST)
+	$(PY) examples/experiments/table3_mini.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info outputs

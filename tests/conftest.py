@@ -3,12 +3,16 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every model here is tiny: thread hand-offs cost more than they save, and far more when the 2 cores are shared
+# (a tiny image generation took 8.2 s with 2 threads and 0.9 s with 1 on a busy machine).
+torch.set_num_threads(1)
 
 REFERENCE_DIR = Path(os.environ.get("DUALTOKEN_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 

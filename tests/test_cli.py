@@ -43,15 +43,6 @@ from dualtoken_hf.testing import build_tiny_unified
 # ---------------------------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: thread hand-offs cost more than they save, and much more on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """Real photos from scikit-image as PNG and JPEG files, and a file that is not an image."""

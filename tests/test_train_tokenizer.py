@@ -1,0 +1,253 @@
+"""examples/train_tokenizer.py end to end on the tiny preset: skipping bad images, the saved Hub folder, pushing
+with a fake Hub, exact resumption, and a 2-process DDP run whose codebooks stay identical."""
+
+import importlib.util
+import io
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import types
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from accelerate.utils import set_seed
+from huggingface_hub import ModelCard
+from transformers import AutoImageProcessor, AutoModel
+
+from dualtoken_hf import DualTokenImageProcessor, DualTokenVisionModel
+from dualtoken_hf.training import hub, read_jsonl
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "train_tokenizer.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_tokenizer", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_tokenizer = load_script()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def write_photos(folder: Path, count: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        array = (rng.random((56 + 4 * index, 72, 3)) * 255).astype(np.uint8)
+        PIL.Image.fromarray(array).save(folder / f"photo_{index}.png")
+    return folder
+
+
+def tiny_args(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--preset", "tiny", "--train_data_dir", str(data_dir), "--output_dir", str(output_dir),
+        "--cache_dir", str(output_dir.parent / "datasets_cache"), "--perceptual_loss", "none",
+        "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--gan_start_step", "1",
+        "--validation_steps", "1", "--num_validation_images", "2", *extra,
+    ]
+
+
+class FakeHfApi:
+    """Records uploads (and which files the folder held at that moment); the first upload fails."""
+
+    uploads: list[dict] = []
+    failures_left = 0
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, private=None, exist_ok=False):
+        return types.SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, repo_id, folder_path, path_in_repo=None, commit_message=None, ignore_patterns=None):
+        if FakeHfApi.failures_left:
+            FakeHfApi.failures_left -= 1
+            raise ConnectionError("hub unreachable")
+        files = sorted(str(path.relative_to(folder_path)) for path in Path(folder_path).rglob("*") if path.is_file())
+        FakeHfApi.uploads.append({"repo_id": repo_id, "folder": folder_path, "path_in_repo": path_in_repo,
+                                  "ignore_patterns": ignore_patterns, "files": files})
+
+
+@pytest.fixture(scope="module")
+def pushed_run(tmp_path_factory):
+    """One 2-step run with a corrupt image in the data, a GAN from step 1, checkpoints every step (keeping one),
+    and --push_to_hub --hub_strategy checkpoint against a fake Hub whose first upload fails."""
+    root = tmp_path_factory.mktemp("pushed_run")
+    data_dir = write_photos(root / "photos", 4)
+    (data_dir / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    output_dir = root / "out"
+    FakeHfApi.uploads, FakeHfApi.failures_left = [], 1
+    handler = logging.StreamHandler(io.StringIO())
+    root_logger = logging.getLogger()
+    previous_level = root_logger.level
+    root_logger.addHandler(handler)
+    root_logger.setLevel(logging.INFO)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(hub, "HfApi", FakeHfApi)
+            patch.setattr(hub, "time", types.SimpleNamespace(sleep=lambda seconds: None))
+            args = train_tokenizer.parse_args(tiny_args(
+                data_dir, output_dir, "--train_batch_size", "5", "--max_train_steps", "2",
+                "--checkpointing_steps", "1", "--checkpoints_total_limit", "1",
+                "--push_to_hub", "--hub_model_id", "me/tiny-dualtoken", "--hub_strategy", "checkpoint",
+            ))
+            summary = train_tokenizer.main(args)
+    finally:
+        root_logger.removeHandler(handler)
+        root_logger.setLevel(previous_level)
+    return types.SimpleNamespace(output_dir=output_dir, summary=summary, log=handler.stream.getvalue(),
+                                 uploads=list(FakeHfApi.uploads))
+
+
+def test_corrupt_image_is_skipped_and_counted(pushed_run):
+    # One batch per epoch holds all 5 files: the corrupt one is met once per epoch, so twice in 2 steps.
+    assert pushed_run.summary["skipped_images"] == 2
+    records = read_jsonl(pushed_run.output_dir / "logs" / "train_tokenizer.jsonl")
+    assert [record["data/skipped_images"] for record in records] == [1, 2]
+    assert "skipping unreadable image" in pushed_run.log and "broken.jpg" in pushed_run.log
+
+
+def test_every_loss_term_and_codebook_statistic_is_logged(pushed_run):
+    records = read_jsonl(pushed_run.output_dir / "logs" / "train_tokenizer.jsonl")
+    assert [record["step"] for record in records] == [1, 2]
+    expected = {
+        "loss/total", "loss/reconstruction", "loss/perceptual", "loss/generator", "loss/adaptive_weight",
+        "loss/semantic", "loss/semantic_features", "loss/semantic_pooled", "loss/pixel_commitment",
+        "loss/semantic_commitment", "train/psnr", "lr", "codebook/pixel_usage", "codebook/pixel_perplexity",
+        "codebook/semantic_usage", "codebook/semantic_perplexity", "validation/psnr", "validation/ssim",
+    }
+    assert expected <= set(records[0])
+    assert {"discriminator/discriminator", "discriminator/logits_real"} <= set(records[1])  # the GAN starts at 1
+    assert records[0]["loss/adaptive_weight"] == 0.0 and 0.3 <= records[1]["loss/adaptive_weight"] <= 10.0
+    assert "perceptual loss: none" in pushed_run.log
+
+
+def test_validation_grids_are_saved_as_png(pushed_run):
+    grid = PIL.Image.open(pushed_run.output_dir / "validation" / "step-0000002.png")
+    assert grid.width > 2 * 64 and grid.height > 2 * 64  # 2 images x (original | reconstruction)
+
+
+def test_final_folder_loads_with_auto_classes_and_has_a_model_card(pushed_run):
+    folder = pushed_run.output_dir
+    assert isinstance(AutoModel.from_pretrained(folder), DualTokenVisionModel)
+    assert isinstance(AutoImageProcessor.from_pretrained(folder), DualTokenImageProcessor)
+    assert (folder / "modeling_dualtoken_vision.py").is_file()  # remote code for hosts without the package
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "transformers"
+    assert card.data.license == "apache-2.0"
+    assert card.data.pipeline_tag == "image-feature-extraction"
+    assert "dualtoken" in card.data.tags
+    assert "perceptual loss" in card.text
+
+
+def test_checkpoints_total_limit_keeps_the_newest(pushed_run):
+    assert sorted(path.name for path in pushed_run.output_dir.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def test_push_to_hub_retries_a_failed_upload_and_pushes_checkpoints_and_the_final_folder(pushed_run):
+    assert "failed (attempt 1/3): ConnectionError: hub unreachable" in pushed_run.log
+    checkpoint_uploads = [upload for upload in pushed_run.uploads if upload["path_in_repo"] == "last-checkpoint"]
+    assert [Path(upload["folder"]).name for upload in checkpoint_uploads] == ["checkpoint-1", "checkpoint-2"]
+    assert "training_state.json" in checkpoint_uploads[0]["files"]
+    final = pushed_run.uploads[-1]
+    assert Path(final["folder"]) == pushed_run.output_dir and final["path_in_repo"] is None
+    assert {"config.json", "model.safetensors", "README.md", "preprocessor_config.json"} <= set(final["files"])
+    assert "checkpoint-*" in final["ignore_patterns"]
+    assert all(upload["repo_id"] == "me/tiny-dualtoken" for upload in pushed_run.uploads)
+
+
+def test_resuming_gives_the_same_next_step_losses_as_an_uninterrupted_run(tmp_path):
+    # Gradient accumulation 2 over 3 batches per epoch: step 1 = batches 1-2, step 2 = batch 3 (end of epoch),
+    # step 3 = batches 1-2 of epoch 1. Resuming after step 1 restarts mid-epoch with the GAN running.
+    data_dir = write_photos(tmp_path / "photos", 6)
+    common = ("--train_batch_size", "2", "--gradient_accumulation_steps", "2", "--max_train_steps", "3",
+              "--checkpointing_steps", "1", "--validation_steps", "100")
+    uninterrupted = tmp_path / "uninterrupted"
+    train_tokenizer.main(train_tokenizer.parse_args(tiny_args(data_dir, uninterrupted, *common)))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(uninterrupted / "checkpoint-1", resumed / "checkpoint-1")
+    train_tokenizer.main(train_tokenizer.parse_args(
+        tiny_args(data_dir, resumed, *common, "--resume_from_checkpoint", "latest")
+    ))
+    expected = read_jsonl(uninterrupted / "logs" / "train_tokenizer.jsonl")[1:]
+    actual = read_jsonl(resumed / "logs" / "train_tokenizer.jsonl")
+    assert [record["step"] for record in actual] == [2, 3]
+    assert actual == expected
+
+
+def test_resuming_a_streamed_tar_shard_run_is_exact(tmp_path):
+    shard_dir = tmp_path / "shards"
+    shard_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for shard in range(2):
+        with tarfile.open(shard_dir / f"train-{shard:04d}.tar", "w") as archive:
+            for index in range(4):
+                buffer = io.BytesIO()
+                PIL.Image.fromarray((rng.random((60, 70, 3)) * 255).astype(np.uint8)).save(buffer, "JPEG")
+                member = tarfile.TarInfo(f"{shard}{index:04d}.jpg")
+                member.size = buffer.tell()
+                archive.addfile(member, io.BytesIO(buffer.getvalue()))
+    common = ["--preset", "tiny", "--train_shards", str(shard_dir / "train-{0000..0001}.tar"), "--perceptual_loss",
+              "none", "--train_batch_size", "2", "--max_train_steps", "4", "--checkpointing_steps", "2",
+              "--validation_steps", "100", "--gan_start_step", "1", "--shuffle_buffer_size", "4"]
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    train_tokenizer.main(train_tokenizer.parse_args([*common, "--output_dir", str(uninterrupted)]))
+    shutil.copytree(uninterrupted / "checkpoint-2", resumed / "checkpoint-2")
+    train_tokenizer.main(train_tokenizer.parse_args(
+        [*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"]
+    ))
+    expected = read_jsonl(uninterrupted / "logs" / "train_tokenizer.jsonl")[2:]
+    assert read_jsonl(resumed / "logs" / "train_tokenizer.jsonl") == expected
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_keeps_codebooks_identical(tmp_path):
+    data_dir = write_photos(tmp_path / "photos", 8)
+    output_dir = tmp_path / "out"
+    # `accelerate launch --cpu` starts a single process unless MPI is configured; `--multi_gpu` with
+    # ACCELERATE_USE_CPU starts 2 CPU processes through torchrun (gloo), i.e. DDP exactly as on GPUs.
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(SCRIPT),
+        *tiny_args(data_dir, output_dir, "--train_batch_size", "2", "--gradient_accumulation_steps", "2",
+                   "--max_train_steps", "2", "--gan_start_step", "0", "--checkpointing_steps", "100",
+                   "--validation_steps", "100"),
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    # Own process group: on a timeout the launcher AND its workers die (a worker left alone would wait forever).
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                                start_new_session=True)
+    try:
+        _, stderr = launcher.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        _, stderr = launcher.communicate()
+    assert launcher.returncode == 0, stderr[-4000:]
+    summary = json.loads((output_dir / "train_summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["global_step"] == 2
+    assert summary["out_of_sync"] == []  # codebook buffers and discriminator weights (GAN on from step 0)
+    # The codebooks did move (EMA updates ran), so the comparison is not between two untouched copies.
+    set_seed(0)
+    initial = train_tokenizer.build_tokenizer(train_tokenizer.parse_args(tiny_args(data_dir, output_dir)))
+    trained = DualTokenVisionModel.from_pretrained(output_dir)
+    assert not torch.equal(trained.pixel_quantizer.codebook, initial.pixel_quantizer.codebook)
+    assert not torch.equal(trained.semantic_quantizer.codebook, initial.semantic_quantizer.codebook)

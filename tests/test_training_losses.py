@@ -1,0 +1,239 @@
+"""Training losses (eq. 1-4), the PatchGAN discriminator, perceptual-loss plugging and the recipes."""
+
+import copy
+import dataclasses
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from dualtoken_hf import DualTokenVisionConfig, DualTokenVisionModel
+from dualtoken_hf.training import (
+    RECIPES,
+    FeaturePerceptualLoss,
+    PatchGANDiscriminator,
+    adaptive_generator_weight,
+    build_perceptual_loss,
+    discriminator_losses,
+    frozen,
+    get_recipe,
+    hinge_discriminator_loss,
+    hinge_generator_loss,
+    semantic_distillation_loss,
+    tokenizer_losses,
+)
+
+
+def tiny_model_and_teacher(**overrides):
+    torch.manual_seed(0)
+    model = DualTokenVisionModel(DualTokenVisionConfig.from_preset("tiny", **overrides)).train()
+    teacher = copy.deepcopy(model.siglip).eval().requires_grad_(False)
+    return model, teacher
+
+
+def forward_both(model, teacher, batch_size=2):
+    pixel_values = torch.rand(batch_size, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    outputs = model(pixel_values, output_hidden_states=True)
+    with torch.no_grad():
+        teacher_outputs = teacher(pixel_values, output_hidden_states=True)
+    return pixel_values, outputs, teacher_outputs
+
+
+def test_hinge_discriminator_loss_values():
+    logits_real = torch.tensor([2.0, 0.5])  # relu(1 - real) = [0, 0.5] -> mean 0.25
+    logits_fake = torch.tensor([-2.0, 0.5])  # relu(1 + fake) = [0, 1.5] -> mean 0.75
+    assert hinge_discriminator_loss(logits_real, logits_fake).item() == pytest.approx(0.5)
+    assert hinge_discriminator_loss(torch.full((3,), 1.0), torch.full((3,), -1.0)).item() == 0.0
+
+
+def test_hinge_generator_loss_is_minus_mean_fake_logits():
+    assert hinge_generator_loss(torch.tensor([1.0, -3.0, 0.5])).item() == pytest.approx(0.5)
+
+
+def test_adaptive_weight_is_the_gradient_norm_ratio_at_the_last_layer():
+    last_layer = nn.Parameter(torch.ones(4))
+    reconstruction_loss = (last_layer * torch.tensor([3.0, 0.0, 4.0, 0.0])).sum()  # gradient norm 5
+    generator_loss = (last_layer * torch.tensor([0.0, 2.0, 0.0, 0.0])).sum()  # gradient norm 2
+    weight = adaptive_generator_weight(reconstruction_loss, generator_loss, last_layer, max_weight=1e4, eps=0.0)
+    assert weight.item() == pytest.approx(2.5)
+    assert not weight.requires_grad
+    assert last_layer.grad is None  # the ratio is computed without touching .grad
+
+
+@pytest.mark.parametrize("scale, expected", [(1e6, 10.0), (1e-6, 0.3)])
+def test_adaptive_weight_is_clamped(scale, expected):
+    last_layer = nn.Parameter(torch.ones(2))
+    weight = adaptive_generator_weight(
+        (last_layer * scale).sum(), last_layer.sum(), last_layer, min_weight=0.3, max_weight=10.0
+    )
+    assert weight.item() == pytest.approx(expected)
+
+
+def test_semantic_distillation_loss_values():
+    features = torch.tensor([[[1.0, 0.0]]])
+    teacher_features = torch.tensor([[[0.0, 1.0]]])  # L2 = mean((1, -1)^2) = 1, cos = 0
+    pooled = torch.tensor([[2.0, 0.0]])
+    teacher_pooled = torch.tensor([[1.0, 0.0]])  # L2 = 0.5, cos = 1
+    terms = semantic_distillation_loss(features, teacher_features, pooled, teacher_pooled, 5.0, 1.0, 2.0)
+    assert terms["features"].item() == pytest.approx(1.0)
+    assert terms["features_cosine"].item() == pytest.approx(1.0)
+    assert terms["pooled"].item() == pytest.approx(0.5)
+    assert terms["pooled_cosine"].item() == pytest.approx(0.0)
+    assert terms["total"].item() == pytest.approx(5.0 * (1.0 + 2.0 * 1.0) + 1.0 * (0.5 + 0.0))
+
+
+def test_semantic_layer_loss_is_zero_at_initialisation():
+    model, teacher = tiny_model_and_teacher()
+    pixel_values, outputs, teacher_outputs = forward_both(model, teacher)
+    terms = tokenizer_losses(outputs, pixel_values, teacher_outputs, model.config.semantic_layer,
+                             RECIPES["v2"]["loss_weights"])
+    assert terms["semantic_features"].item() == 0.0
+    assert terms["semantic_features_cosine"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_semantic_loss_is_zero_at_initialisation_without_semantic_feedback():
+    # With semantic feedback the pooled output runs on quantized features, so only the layer term starts at zero;
+    # pooling the unquantized last layer instead makes the whole of eq. 4 start at zero.
+    model, teacher = tiny_model_and_teacher(semantic_feedback=False, semantic_layer=6)
+    pixel_values, outputs, teacher_outputs = forward_both(model, teacher)
+    terms = tokenizer_losses(outputs, pixel_values, teacher_outputs, model.config.semantic_layer,
+                             RECIPES["v2"]["loss_weights"])
+    assert terms["semantic"].item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_total_loss_is_the_weighted_sum_of_eq_2():
+    model, teacher = tiny_model_and_teacher()
+    pixel_values, outputs, teacher_outputs = forward_both(model, teacher)
+    weights = dataclasses.replace(RECIPES["paper"]["loss_weights"], perceptual_weight=0.5)
+    discriminator = PatchGANDiscriminator(base_channels=8)
+    perceptual = FeaturePerceptualLoss(nn.Conv2d(3, 4, 3))
+    terms = tokenizer_losses(outputs, pixel_values, teacher_outputs, model.config.semantic_layer, weights,
+                             perceptual, discriminator, model.pixel_decoder.decoder.conv_out.weight)
+    expected = (
+        weights.semantic_weight * terms["semantic"]
+        + weights.reconstruction_weight * outputs.reconstruction_loss
+        + 0.5 * terms["perceptual"]
+        + terms["adaptive_weight"] * weights.generator_weight * terms["generator"]
+        + weights.commitment_weight * (outputs.pixel_commitment_loss + outputs.semantic_commitment_loss)
+    )
+    assert terms["total"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert terms["semantic"].item() == pytest.approx(
+        (5.0 * terms["semantic_features"] + 1.0 * terms["semantic_pooled"]).item(), rel=1e-6
+    )
+    assert terms["perceptual"].item() > 0
+    assert 0.3 <= terms["adaptive_weight"].item() <= 10.0
+
+
+def test_generator_loss_trains_the_decoder_but_not_the_discriminator():
+    model, teacher = tiny_model_and_teacher()
+    pixel_values, outputs, teacher_outputs = forward_both(model, teacher)
+    discriminator = PatchGANDiscriminator(base_channels=8)
+    last_layer = model.pixel_decoder.decoder.conv_out.weight
+    terms = tokenizer_losses(outputs, pixel_values, teacher_outputs, model.config.semantic_layer,
+                             RECIPES["paper"]["loss_weights"], None, discriminator, last_layer)
+    terms["total"].backward()
+    assert last_layer.grad is not None and last_layer.grad.abs().sum() > 0
+    assert all(parameter.grad is None for parameter in discriminator.parameters())
+    assert all(parameter.requires_grad for parameter in discriminator.parameters())
+
+
+def test_discriminator_losses_are_weighted_hinge_on_detached_images():
+    discriminator = PatchGANDiscriminator(base_channels=8)
+    real = torch.rand(2, 3, 32, 32) * 2 - 1
+    fake = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_()
+    terms = discriminator_losses(discriminator, real, fake, RECIPES["paper"]["loss_weights"])
+    assert terms["total"].item() == pytest.approx(0.75 * terms["discriminator"].item())
+    terms["total"].backward()
+    assert fake.grad is None
+    assert discriminator.main[0].weight.grad is not None
+
+
+def test_patchgan_has_the_taming_layout():
+    discriminator = PatchGANDiscriminator()
+    convs = [module for module in discriminator.modules() if isinstance(module, nn.Conv2d)]
+    assert [conv.out_channels for conv in convs] == [64, 128, 256, 512, 1]
+    assert [conv.stride[0] for conv in convs] == [2, 2, 2, 1, 1]
+    assert sum(isinstance(module, nn.BatchNorm2d) for module in discriminator.modules()) == 3
+    # 256 px images give the classic 30 x 30 grid of 70 x 70 patches.
+    assert PatchGANDiscriminator(base_channels=4)(torch.zeros(1, 3, 256, 256)).shape == (1, 1, 30, 30)
+
+
+def test_frozen_restores_requires_grad():
+    module = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    module[1].weight.requires_grad_(False)
+    with frozen(module):
+        assert not any(parameter.requires_grad for parameter in module.parameters())
+    assert [parameter.requires_grad for parameter in module.parameters()] == [True, True, False, True]
+
+
+def test_perceptual_loss_none_gives_no_module():
+    assert build_perceptual_loss("none") is None
+
+
+def test_perceptual_loss_lpips_missing_raises_a_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lpips", None)  # makes `import lpips` fail, as where it is not installed
+    with pytest.raises(ImportError, match="--perceptual_loss lpips needs the `lpips` package"):
+        build_perceptual_loss("lpips")
+
+
+def test_perceptual_loss_from_a_factory_is_lpips_style(tmp_path, monkeypatch):
+    (tmp_path / "tiny_features.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        class TwoMaps(nn.Module):
+            def __init__(self):
+                super().__init__()
+                torch.manual_seed(0)
+                self.first = nn.Conv2d(3, 4, 3, padding=1)
+                self.second = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+                self.dropout = nn.Dropout(0.5)
+
+            def forward(self, images):
+                first = self.first(images)
+                return [first, self.dropout(self.second(first))]
+
+        def build():
+            return TwoMaps()
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    loss = build_perceptual_loss("tiny_features:build")
+    images, references = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    assert loss(images, images).item() == 0.0
+    assert not any(parameter.requires_grad for parameter in loss.parameters())
+    assert not loss.feature_extractor.training  # eval mode: the dropout is off, the distance deterministic
+
+    def unit(feature_map):
+        return feature_map / (feature_map.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+
+    maps = zip(loss.feature_extractor(images), loss.feature_extractor(references))
+    expected = sum((unit(a) - unit(b)).pow(2).sum(1).mean() for a, b in maps)
+    assert loss(images, references).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["vgg", "module_without_factory:", ":factory"])
+def test_perceptual_loss_rejects_unknown_names(name):
+    with pytest.raises(ValueError, match="lpips"):
+        build_perceptual_loss(name)
+
+
+def test_recipes_hold_the_official_weights():
+    paper, v2 = RECIPES["paper"]["loss_weights"], RECIPES["v2"]["loss_weights"]
+    assert (paper.reconstruction_weight, paper.commitment_weight, paper.semantic_cosine_weight) == (10.0, 40.0, 0.0)
+    assert (v2.reconstruction_weight, v2.commitment_weight, v2.semantic_cosine_weight) == (5.0, 5.0, 1.0)
+    assert (RECIPES["paper"]["adam_beta1"], RECIPES["paper"]["adam_beta2"]) == (0.5, 0.9)
+
+
+def test_get_recipe_applies_overrides_and_ignores_none():
+    recipe = get_recipe("paper", commitment_weight=1.0, learning_rate=1e-3, perceptual_weight=None)
+    assert recipe["loss_weights"].commitment_weight == 1.0
+    assert recipe["loss_weights"].perceptual_weight == 1.0
+    assert recipe["learning_rate"] == 1e-3
+    assert RECIPES["paper"]["loss_weights"].commitment_weight == 40.0
+    with pytest.raises(ValueError, match="unknown recipe settings"):
+        get_recipe("paper", commitment=1.0)
+    with pytest.raises(ValueError, match="unknown recipe"):
+        get_recipe("v3")
