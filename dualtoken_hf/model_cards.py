@@ -96,6 +96,8 @@ def write_tokenizer_card(
     facts: dict | None = None,
     repo_id: str | None = None,
     license: str = "apache-2.0",
+    base_model: str | None = None,
+    dataset: str | None = None,
 ) -> ModelCard:
     """
     Write the `README.md` of a tokenizer folder (pipeline tag `image-feature-extraction`).
@@ -107,12 +109,16 @@ def write_tokenizer_card(
         facts: Details to list, in order (source checkpoint, epoch, ...).
         repo_id: Used in the usage snippet; defaults to the folder name.
         license: Hub license id of the weights.
+        base_model: The SigLIP checkpoint or tokenizer the weights started from.
+        dataset: A Hub dataset id the weights were trained on.
     """
     card_data = ModelCardData(
         library_name="transformers",
         license=license,
         tags=[*COMMON_TAGS, "vision-tokenizer"],
         pipeline_tag="image-feature-extraction",
+        base_model=base_model,
+        datasets=[dataset] if dataset else None,
     )
     body = TOKENIZER_BODY.format(
         origin=origin,

@@ -67,8 +67,8 @@ from dualtoken_hf.training import (
     tokenizer_losses,
     undecoded,
     without_global_rng,
-    write_model_card,
 )
+from dualtoken_hf.model_cards import write_tokenizer_card
 from dualtoken_hf.training.hub import OUTPUT_DIR_IGNORE_PATTERNS
 
 
@@ -313,10 +313,11 @@ def save_final_model(accelerator, args, model, processor, training_facts: dict, 
         return
     tokenizer.save_pretrained(args.output_dir, state_dict=state_dict)
     processor.save_pretrained(args.output_dir)
-    write_model_card(
+    write_tokenizer_card(
         args.output_dir,
         tokenizer.config,
-        training_facts,
+        origin="Trained with `examples/train_tokenizer.py` of `dualtoken_hf`.",
+        facts=training_facts,
         repo_id=args.hub_model_id,
         base_model=args.siglip_model_name_or_path or args.pretrained_model_name_or_path,
         dataset=args.dataset_name,

@@ -18,7 +18,7 @@ from .data import (
     without_global_rng,
 )
 from .distributed import average_gradients, fingerprints, out_of_sync
-from .hub import HubUploader, write_model_card
+from .hub import HubUploader
 from .images import image_grid, save_reconstruction_grid, to_pil
 from .losses import (
     PERCEPTUAL_LOSS_HELP,
@@ -81,5 +81,4 @@ __all__ = [
     "tokenizer_losses",
     "undecoded",
     "without_global_rng",
-    "write_model_card",
 ]

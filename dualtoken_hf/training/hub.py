@@ -1,11 +1,11 @@
-"""Hub side of training: a background uploader that never stops the run, and the model card of a trained tokenizer."""
+"""Hub side of training: a background uploader that never stops the run."""
 
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import HfApi
 
 
 logger = logging.getLogger(__name__)
@@ -94,84 +94,3 @@ class HubUploader:
             return True
         logger.error("giving up on uploading %s to %s after %d attempts", folder, target, self.max_attempts)
         return False
-
-
-MODEL_CARD_BODY = """
-# DualToken vision tokenizer
-
-A [DualToken](https://arxiv.org/abs/2503.14324) tokenizer trained with `dualtoken_hf`'s
-`examples/train_tokenizer.py`: one SigLIP ViT whose layer {pixel_layer} feeds a **pixel** residual codebook
-(reconstruction, generation) and whose layer {semantic_layer} feeds a **semantic** residual codebook (understanding).
-A {image_size}x{image_size} image becomes {grid}x{grid} positions x {pixel_depth} pixel codes (vocabulary
-{pixel_vocabulary}) and x {semantic_depth} semantic codes (vocabulary {semantic_vocabulary}).
-
-## Usage
-
-```python
-import torch
-from PIL import Image
-from transformers import AutoImageProcessor, AutoModel
-
-model = AutoModel.from_pretrained("{repo}", trust_remote_code=True).eval()
-processor = AutoImageProcessor.from_pretrained("{repo}", trust_remote_code=True)
-
-pixel_values = processor(Image.open("photo.jpg"), return_tensors="pt").pixel_values
-with torch.no_grad():
-    codes = model.encode(pixel_values)          # codes.pixel_codes, codes.semantic_codes: (B, h, w, D)
-    images = model.decode(codes.pixel_codes)    # (B, 3, H, W) in [-1, 1]
-processor.postprocess(images)[0].save("reconstruction.png")
-```
-
-## Training
-
-{training}
-"""
-
-
-def _training_section(training: dict) -> str:
-    return "\n".join(f"- **{key}**: {value}" for key, value in training.items())
-
-
-def write_model_card(
-    folder: str | Path,
-    config,
-    training: dict,
-    repo_id: str | None = None,
-    base_model: str | None = None,
-    dataset: str | None = None,
-    license: str = "apache-2.0",
-) -> ModelCard:
-    """
-    Write `README.md` with Hub metadata (library, license, tags, pipeline tag, base model, dataset) into `folder`.
-
-    Args:
-        folder: The saved tokenizer folder.
-        config (`DualTokenVisionConfig`): Its config, for the architecture summary.
-        training (`dict`): Training facts to list (recipe, steps, losses, data ...), in order.
-        repo_id (`str`, *optional*): Used in the usage snippet; defaults to the folder name.
-        base_model (`str`, *optional*): The SigLIP checkpoint or tokenizer the run started from.
-        dataset (`str`, *optional*): A Hub dataset id the run trained on.
-    """
-    card_data = ModelCardData(
-        library_name="transformers",
-        license=license,
-        tags=["dualtoken", "image-tokenizer", "vision-tokenizer", "residual-quantization", "siglip", "custom_code"],
-        pipeline_tag="image-feature-extraction",
-        base_model=base_model,
-        datasets=[dataset] if dataset else None,
-    )
-    body = MODEL_CARD_BODY.format(
-        pixel_layer=config.pixel_layer,
-        semantic_layer=config.semantic_layer,
-        image_size=config.image_size,
-        grid=config.grid_size,
-        pixel_depth=config.pixel_quantizer_config["depth"],
-        pixel_vocabulary=config.pixel_quantizer_config["codebook_size"],
-        semantic_depth=config.semantic_quantizer_config["depth"],
-        semantic_vocabulary=config.semantic_quantizer_config["codebook_size"],
-        repo=repo_id or Path(folder).name,
-        training=_training_section(training),
-    )
-    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
-    card.save(Path(folder) / "README.md")
-    return card
