@@ -535,6 +535,9 @@ def main(args: argparse.Namespace) -> dict:
     if accelerator.is_main_process:
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.end_training()
+    if torch.distributed.is_initialized():
+        # A worker that exits with a live gloo group can hang in its exit handlers and outlive the launcher.
+        torch.distributed.destroy_process_group()
     return summary
 
 
