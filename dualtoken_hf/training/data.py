@@ -116,13 +116,10 @@ def _try_decode(value) -> PIL.Image.Image | None:
         return None
 
 
-class ImageTrainDataset(torch.utils.data.Dataset):
-    """
-    Map-style training images. Item `i` is the first readable image at positions `i, i+1, ...` (wrapping around),
-    transformed with draws from `(seed, epoch, i)`; `skipped_images` counts the unreadable files passed over.
-    """
+class _EpochSeededImages:
+    """What both training datasets hold: the source dataset, its image column, the transform, the seed and epoch."""
 
-    def __init__(self, dataset: datasets.Dataset, image_column: str, transform: TrainTransform, seed: int = 0):
+    def __init__(self, dataset, image_column: str, transform: TrainTransform, seed: int = 0):
         self.dataset = dataset
         self.image_column = image_column
         self.transform = transform
@@ -131,6 +128,13 @@ class ImageTrainDataset(torch.utils.data.Dataset):
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
+
+
+class ImageTrainDataset(_EpochSeededImages, torch.utils.data.Dataset):
+    """
+    Map-style training images. Item `i` is the first readable image at positions `i, i+1, ...` (wrapping around),
+    transformed with draws from `(seed, epoch, i)`; `skipped_images` counts the unreadable files passed over.
+    """
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -145,19 +149,12 @@ class ImageTrainDataset(torch.utils.data.Dataset):
         raise RuntimeError(f"no readable image among {attempts} consecutive files from position {index}")
 
 
-class StreamingImageTrainDataset(torch.utils.data.IterableDataset):
+class StreamingImageTrainDataset(_EpochSeededImages, torch.utils.data.IterableDataset):
     """Training images from a streaming `datasets.IterableDataset` (tar shards); unreadable files are skipped and
     counted on the next readable example."""
 
-    def __init__(self, dataset: datasets.IterableDataset, image_column: str, transform: TrainTransform, seed: int = 0):
-        self.dataset = dataset
-        self.image_column = image_column
-        self.transform = transform
-        self.seed = seed
-        self.epoch = 0
-
     def set_epoch(self, epoch: int):
-        self.epoch = epoch
+        super().set_epoch(epoch)
         self.dataset.set_epoch(epoch)
 
     def __iter__(self):
