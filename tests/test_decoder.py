@@ -1,14 +1,9 @@
 """Projections and pixel decoder against the official tiny reference runs (see /work/shared/reference/README.md)."""
 
-import json
-import os
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
+from conftest import REFERENCE_DIR, OfficialReference
 from dualtoken_hf.convert.official_keys import convert_official_decoder, convert_official_projection
 from dualtoken_hf.modeling_dualtoken_decoder import DualTokenPixelDecoder, resize_latent_grid
 from dualtoken_hf.modeling_dualtoken_projection import (
@@ -18,9 +13,6 @@ from dualtoken_hf.modeling_dualtoken_projection import (
 )
 
 
-REFERENCE_DIR = Path(
-    os.environ.get("DUALTOKEN_REFERENCE_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "reference")
-)
 FULL_SIZE = {
     # version: (projection_type, latent_channels, official post-projection group)
     "v1": ("resconv", 256, "postquant_visual"),
@@ -53,14 +45,10 @@ def assert_close_absolute(actual: torch.Tensor, expected: torch.Tensor, atol: fl
     assert error <= atol, f"max abs error {error:.3g} exceeds {atol}"
 
 
-class Reference:
-    def __init__(self, version: str):
-        self.version = version
-        state_path = REFERENCE_DIR / f"official_{version}_tiny_state.safetensors"
-        self.state = load_file(state_path)
-        self.io = load_file(REFERENCE_DIR / f"official_{version}_tiny_io.safetensors")
-        with safe_open(state_path, "pt") as f:
-            self.config = json.loads(f.metadata()["rqvaesiglip_config"])
+class Reference(OfficialReference):
+    @property
+    def config(self) -> dict:
+        return self.official_config
 
     @property
     def code_width(self) -> int:

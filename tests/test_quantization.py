@@ -1,22 +1,17 @@
 """Tests of the residual quantizer against the official DualToken code (reference tensors) and its invariants."""
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from safetensors.torch import load_file
+
+from conftest import REFERENCE_DIR, OfficialReference
 
 from dualtoken_hf.quantization_dualtoken import DualTokenResidualQuantizer, ResidualQuantizerOutput
 
 
-def _reference_dir() -> Path | None:
-    candidates = [Path(__file__).resolve().parents[1].parent / "shared" / "reference"]
-    if os.environ.get("DUALTOKEN_REFERENCE_DIR"):
-        candidates.append(Path(os.environ["DUALTOKEN_REFERENCE_DIR"]))
-    return next((c for c in candidates if (c / "official_v2_tiny_io.safetensors").is_file()), None)
 
 
 # Official quantizer settings per version and branch: (state-dict prefix, our constructor arguments).
@@ -51,16 +46,10 @@ def load_official_quantizer(state: dict, prefix: str, **kwargs) -> DualTokenResi
 
 @pytest.fixture(scope="module")
 def reference():
-    directory = _reference_dir()
-    if directory is None:
-        pytest.skip("official reference tensors not found (../shared/reference or $DUALTOKEN_REFERENCE_DIR)")
-    return {
-        version: (
-            load_file(directory / f"official_{version}_tiny_state.safetensors"),
-            load_file(directory / f"official_{version}_tiny_io.safetensors"),
-        )
-        for version in ("v1", "v2")
-    }
+    if not REFERENCE_DIR.is_dir():
+        pytest.skip(f"official reference tensors not found in {REFERENCE_DIR} (set DUALTOKEN_REFERENCE_DIR)")
+    references = {version: OfficialReference(version) for version in ("v1", "v2")}
+    return {version: (reference.state, reference.io) for version, reference in references.items()}
 
 
 def _official_quantizers(reference, version, **semantic_overrides):
