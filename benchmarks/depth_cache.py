@@ -72,8 +72,8 @@ def main(args):
           f"threads {torch.get_num_threads()}")
     print(f"D={args.depth}, {positions} positions, batch {args.batch} (x2 guidance), head width {args.head_width}, "
           f"K={args.codebook_size}, median of {args.repeats}")
-    print(f"| variant | s / image batch | ms / position |")
-    print(f"|---|---|---|")
+    print("| variant | s / image batch | ms / position |")
+    print("|---|---|---|")
     print(f"| recomputed slots (official head, baseline) | {recomputed:.3f} | {1000 * recomputed / positions:.1f} |")
     print(f"| depth KV cache (ours) | {cached:.3f} | {1000 * cached / positions:.1f} |")
     print(f"speed-up {recomputed / cached:.2f}x; identical codes: {torch.equal(codes[True], codes[False])}")
