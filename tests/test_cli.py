@@ -7,6 +7,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from importlib.metadata import entry_points
 from types import SimpleNamespace
 
@@ -34,9 +35,9 @@ from dualtoken_hf import (
     DualTokenVisionConfig,
     DualTokenVisionModel,
 )
-from dualtoken_hf import hub_export
-from dualtoken_hf.cli import SUBCOMMANDS, main
-from dualtoken_hf.hub_export import EXPORT_CHECK_FILE
+from dualtoken_hf.hub import export as hub_export
+from dualtoken_hf.cli import SUBCOMMANDS, build_parser, main
+from dualtoken_hf.hub.export import EXPORT_CHECK_FILE
 from dualtoken_hf.testing import build_tiny_unified
 
 
@@ -511,6 +512,64 @@ def test_every_subcommand_has_help(capsys):
 def test_debug_shows_the_traceback(tokenizer_folder, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such image file"):
         main(["tokenize", "--model", str(tokenizer_folder), "nowhere.png", "--output", str(tmp_path / "c"), "--debug"])
+
+
+def run_dualtoken(*argv: str) -> tuple[subprocess.CompletedProcess, float]:
+    """`python -m dualtoken_hf argv` in a fresh process: its result and its wall time in seconds."""
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "dualtoken_hf", *argv], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    return result, time.perf_counter() - start
+
+
+def test_importing_the_cli_imports_no_model_libraries():
+    code = (
+        "import sys, dualtoken_hf.cli; "
+        "loaded = [name for name in ('torch', 'transformers', 'diffusers') if name in sys.modules]; "
+        "assert not loaded, loaded"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+# Measured on the 2-core dev box: about 0.2 s each (20-30 s before the parser stopped importing the subcommands);
+# the bound leaves room for a loaded CI machine.
+@pytest.mark.parametrize(
+    "argv, status, phrase",
+    [
+        (["--help"], 0, "convert-official"),
+        (["tokenize", "--model", "m", "i.png", "--output", "c", "--batch-size", "x"], 2, "must be a positive integer"),
+        (["generate", "a fox"], 2, "the following arguments are required: --model, --output"),
+        (["no-such-command"], 2, "invalid choice: 'no-such-command'"),
+    ],
+)
+def test_help_and_usage_errors_answer_without_loading_a_model(argv, status, phrase):
+    result, seconds = run_dualtoken(*argv)
+    assert result.returncode == status, result.stderr
+    assert phrase in result.stdout + result.stderr
+    assert seconds < 5
+
+
+def test_presets_and_versions_come_from_the_package():
+    from dualtoken_hf.configuration_dualtoken import UNIFIED_PRESETS
+    from dualtoken_hf.convert.official import VERSIONS
+
+    parser = build_parser()
+    assert parser.parse_args(["init", "--siglip", "s", "--llm", "l", "out"]).preset in UNIFIED_PRESETS
+    for preset in UNIFIED_PRESETS:
+        assert parser.parse_args(["init", "--siglip", "s", "--llm", "l", "--preset", preset, "out"]).preset == preset
+    for version in VERSIONS:
+        assert parser.parse_args(["convert-official", "--version", version, "c.pt", "out"]).version == version
+
+
+def test_an_unknown_preset_lists_the_package_presets(capsys):
+    from dualtoken_hf.configuration_dualtoken import UNIFIED_PRESETS
+
+    assert main(["init", "--siglip", "s", "--llm", "l", "--preset", "huge", "out"]) == 2
+    err = capsys.readouterr().err
+    assert f"invalid choice: 'huge' (choose from {', '.join(map(repr, UNIFIED_PRESETS))})" in err
 
 
 def test_console_script_and_python_m_entry_points():

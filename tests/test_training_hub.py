@@ -1,71 +1,86 @@
-"""HubUploader: uploads run in the background, failures are retried and logged, never raised."""
+"""HubUploader: uploads run in the background through huggingface_hub's `run_as_future`, in order; failures are
+logged, never raised; `wait` blocks until every upload has ended."""
 
 import logging
 import threading
-import types
+from pathlib import Path
 
 import pytest
+from huggingface_hub import HfApi
+from huggingface_hub.hf_api import future_compatible
 
 from dualtoken_hf.training import HubUploader, hub
 
 
-class ScriptedApi:
-    """Fails `failures` times, then succeeds; optionally blocks each upload until `release` is set."""
+class ScriptedApi(HfApi):
+    """A real `HfApi` (its background queue included) whose Hub calls are recorded: uploads whose number (from 1) is
+    in `failing` raise; every upload first waits for `release`, when given."""
 
-    def __init__(self, failures=0, release=None):
-        self.failures = failures
+    def __init__(self, failing=(), release=None):
+        super().__init__(token="hf_test")
+        self.failing = set(failing)
         self.release = release
         self.calls = []
 
     def create_repo(self, repo_id, private=None, exist_ok=False):
-        assert exist_ok
+        self.calls.append(("create_repo", repo_id, private, exist_ok))
 
-    def upload_folder(self, **kwargs):
+    @future_compatible
+    def upload_folder(self, *, repo_id, folder_path, path_in_repo=None, commit_message=None, ignore_patterns=None,
+                      run_as_future=False):
         if self.release is not None:
-            self.release.wait(timeout=10)
-        self.calls.append(kwargs)
-        if len(self.calls) <= self.failures:
-            raise OSError(f"boom {len(self.calls)}")
+            assert self.release.wait(timeout=10)
+        self.calls.append(("upload_folder", Path(folder_path).name, path_in_repo, ignore_patterns))
+        if ignore_patterns is not None:
+            ignore_patterns += [".git"]  # as the real one extends the list it is given
+        if len([call for call in self.calls if call[0] == "upload_folder"]) in self.failing:
+            raise OSError("hub unreachable")
 
 
 @pytest.fixture
 def uploader(monkeypatch):
-    sleeps = []
-    monkeypatch.setattr(hub, "time", types.SimpleNamespace(sleep=sleeps.append))
-
     def make(api):
         monkeypatch.setattr(hub, "HfApi", lambda token=None: api)
-        instance = HubUploader("me/repo", max_attempts=3, retry_delay=1.0)
-        instance.sleeps = sleeps
-        return instance
+        return HubUploader("me/repo", private=True)
 
     return make
 
 
-def test_upload_runs_in_the_background(uploader, tmp_path):
+def test_uploads_run_in_the_background_in_submission_order(uploader, tmp_path):
     release = threading.Event()
     api = ScriptedApi(release=release)
     instance = uploader(api)
-    future = instance.upload(tmp_path, path_in_repo="last-checkpoint")
-    assert not future.done() and instance.has_pending()
+    first = instance.upload(tmp_path / "checkpoint-1", path_in_repo="last-checkpoint")
+    instance.upload(tmp_path / "checkpoint-2", path_in_repo="last-checkpoint")
+    assert not first.done()  # the caller goes on while the upload waits
     release.set()
-    assert instance.wait() == [True]
-    assert api.calls[0]["repo_id"] == "me/repo" and api.calls[0]["path_in_repo"] == "last-checkpoint"
+    assert instance.wait() == [True, True]
+    assert api.calls == [
+        ("create_repo", "me/repo", True, True),
+        ("upload_folder", "checkpoint-1", "last-checkpoint", None),
+        ("upload_folder", "checkpoint-2", "last-checkpoint", None),
+    ]
 
 
-def test_failed_upload_is_retried_with_growing_delays_and_logged(uploader, tmp_path, caplog):
-    api = ScriptedApi(failures=2)
+def test_failed_upload_is_logged_not_raised_and_the_next_one_goes_ahead(uploader, tmp_path, caplog):
+    api = ScriptedApi(failing={1})
     instance = uploader(api)
-    with caplog.at_level(logging.WARNING, logger=hub.__name__):
-        assert instance.upload(tmp_path).result() is True
-    assert len(api.calls) == 3
-    assert instance.sleeps == [1.0, 2.0]
-    assert "failed (attempt 1/3): OSError: boom 1" in caplog.text
-    assert "failed (attempt 2/3): OSError: boom 2" in caplog.text
+    with caplog.at_level(logging.INFO, logger=hub.__name__):
+        instance.upload(tmp_path / "checkpoint-1", path_in_repo="last-checkpoint")
+        instance.upload(tmp_path, commit_message="End of training")
+        assert instance.wait() == [False, True]
+    assert f"upload of {tmp_path / 'checkpoint-1'} to me/repo/last-checkpoint failed: OSError: hub unreachable" in (
+        caplog.text
+    )
+    assert f"upload of {tmp_path} to me/repo done" in caplog.text
 
 
-def test_upload_that_keeps_failing_is_logged_not_raised(uploader, tmp_path, caplog):
-    instance = uploader(ScriptedApi(failures=10))
-    with caplog.at_level(logging.WARNING, logger=hub.__name__):
-        assert instance.upload(tmp_path).result() is False
-    assert "giving up on uploading" in caplog.text
+def test_uploads_leave_the_callers_ignore_patterns_unchanged(uploader, tmp_path):
+    api = ScriptedApi()
+    patterns = ["checkpoint-*", "logs/**"]
+    instance = uploader(api)
+    instance.upload(tmp_path, ignore_patterns=patterns)
+    instance.upload(tmp_path, ignore_patterns=patterns)
+    assert instance.wait() == [True, True]
+    assert patterns == ["checkpoint-*", "logs/**"]
+    assert api.calls[-1][3] == ["checkpoint-*", "logs/**", ".git"]

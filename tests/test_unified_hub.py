@@ -1,4 +1,5 @@
-"""The unified model's Hub folder: remote code, Auto classes, pipelines, device_map loading and PEFT LoRA."""
+"""The unified model's Hub folder: remote code, Auto classes, pipelines, device_map loading, model card, PEFT LoRA
+and the LoRA adapter's card."""
 
 import json
 import os
@@ -9,10 +10,13 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from PIL import Image
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from dualtoken_hf import DualTokenForConditionalGeneration, DualTokenProcessor
+from dualtoken_hf.hub import CardDetails
+from dualtoken_hf.hub.cards import write_lora_card
 from dualtoken_hf.testing import build_tiny_unified
 
 
@@ -41,6 +45,24 @@ def test_folder_is_hub_ready(folder):
     assert generation["guidance_scale"] == 3.0
     assert os.path.isfile(os.path.join(folder, "model.safetensors.index.json"))  # sharded
     assert os.path.isfile(os.path.join(folder, "pipeline_dualtoken.py"))
+
+
+def test_unified_card_is_filled_from_the_config_and_its_usage_snippet_runs(folder, photo, tmp_path, monkeypatch):
+    card = ModelCard.load(os.path.join(folder, "README.md"))
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "any-to-any"
+    assert {"text-to-image", "image-text-to-text"} <= set(card.data.tags)
+    text = " ".join(card.text.split())
+    assert "build_tiny_unified" in text
+    # the tiny preset: a 2-layer qwen2 of width 64 and the tiny tokenizer (64 px, 8x8 positions, 4 codes from 256)
+    assert "model (`dualtoken`): a `qwen2` language model (2 layers, width 64)" in text
+    assert "A 64x64 image becomes 8x8 positions, each with 4 pixel codes (vocabulary 256) and 4 semantic codes" in text
+    assert f'pipeline("text-to-image", model="{os.path.basename(folder)}"' in text
+
+    code = card.text.split("```python\n")[1].split("```")[0]
+    photo.save(tmp_path / "photo.jpg")
+    monkeypatch.chdir(tmp_path)
+    exec(code.replace(f'"{os.path.basename(folder)}"', repr(str(folder))), {})
+    assert Image.open(tmp_path / "fox.png").size == (64, 64)
 
 
 def test_auto_classes_work_without_remote_code_when_the_package_is_imported(folder):
@@ -161,3 +183,28 @@ def test_lora_adapter_saves_reloads_and_merges_to_the_same_outputs(folder, tmp_p
         torch.testing.assert_close(reloaded(input_ids=input_ids).logits, adapted_logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(merged(input_ids=input_ids).logits, adapted_logits, rtol=1e-4, atol=1e-4)
     assert isinstance(merged, DualTokenForConditionalGeneration)
+
+
+def test_lora_card_describes_the_adapter_and_its_usage_snippet_runs(folder, tmp_path, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
+                      modules_to_save=["pixel_head"], init_lora_weights=False)
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModel.from_pretrained(folder), lora).save_pretrained(adapter)
+    details = CardDetails(origin="A test adapter.", facts={"steps": 3}, repo_id="me/adapter", base_model="org/tiny")
+    card = write_lora_card(adapter, lora, details)
+
+    assert ModelCard.load(adapter / "README.md").data.to_dict() == card.data.to_dict()
+    assert card.data.library_name == "peft" and card.data.base_model == "org/tiny"
+    assert {"lora", "peft", "dualtoken"} <= set(card.data.tags)
+    text = " ".join(card.text.split())
+    assert "model `org/tiny`: rank 4, alpha 8, dropout 0.05, on the modules matching `q_proj`, `v_proj`." in text
+    assert "saved with the adapter: `pixel_head`." in text and "- **steps**: 3" in text
+    with pytest.raises(ValueError, match="base_model"):
+        write_lora_card(adapter, lora, CardDetails())
+
+    code = card.text.split("```python\n")[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    exec(code.replace('"org/tiny"', repr(str(folder))).replace('"me/adapter"', repr(str(adapter))), {})
+    assert Image.open(tmp_path / "fox.png").size == (64, 64)

@@ -23,8 +23,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import SiglipTextConfig, SiglipTextModel
 
-from ..model_cards import write_tokenizer_card
-from ..model_folders import image_processor_for
+from ..hub.cards import CardDetails
+from ..hub.writing import save_tokenizer_folder
 from ..modeling_dualtoken_vision import DualTokenVisionModel
 from .official import SIGLIP_PREFIX, official_module_prefixes, official_to_hf
 
@@ -235,24 +235,19 @@ def convert_official_folder(
     SigLIP text tower also goes to `siglip_text/` (see [`save_text_tower`]); otherwise it is dropped.
     """
     converted = convert_official_checkpoint(checkpoint, version, official_config, siglip_vision_config)
-    output_dir = Path(output_dir)
-    converted.model.save_pretrained(output_dir)
-    image_processor_for(converted.model.config).save_pretrained(output_dir)
-    if keep_text_tower:
-        save_text_tower(checkpoint, output_dir / TEXT_TOWER_FOLDER, siglip_text_config)
-    facts = {
-        "source": f"`{checkpoint.path.name}` (official `{version}` layout)",
-        "epoch": checkpoint.epoch,
-        "official keys not used": len(converted.unused_keys),
-        "SigLIP text tower": f"kept in `{TEXT_TOWER_FOLDER}/`" if keep_text_tower else "dropped",
-    }
-    write_tokenizer_card(
-        output_dir,
-        converted.model.config,
-        "Converted from an official DualToken tokenizer checkpoint with `dualtoken convert-official`.",
-        facts={key: value for key, value in facts.items() if value is not None},
+    card = CardDetails(
+        origin="Converted from an official DualToken tokenizer checkpoint with `dualtoken convert-official`.",
+        facts={
+            "source": f"`{checkpoint.path.name}` (official `{version}` layout)",
+            "epoch": checkpoint.epoch,
+            "official keys not used": len(converted.unused_keys),
+            "SigLIP text tower": f"kept in `{TEXT_TOWER_FOLDER}/`" if keep_text_tower else "dropped",
+        },
         license=license,
     )
+    save_tokenizer_folder(converted.model, output_dir, card=card)
+    if keep_text_tower:
+        save_text_tower(checkpoint, Path(output_dir) / TEXT_TOWER_FOLDER, siglip_text_config)
     return converted
 
 

@@ -15,11 +15,12 @@ from transformers import PreTrainedTokenizerFast
 
 import torch
 
-from .configuration_dualtoken import DualTokenConfig, DualTokenVisionConfig
-from .export import save_unified_folder
-from .image_processing_dualtoken import DualTokenImageProcessor
-from .modeling_dualtoken import DualTokenForConditionalGeneration
-from .processing_dualtoken import DualTokenProcessor, default_chat_template
+from ..configuration_dualtoken import DualTokenConfig, DualTokenVisionConfig
+from ..hub.cards import CardDetails
+from ..hub.writing import save_unified_folder
+from ..image_processing_dualtoken import DualTokenImageProcessor
+from ..modeling_dualtoken import DualTokenForConditionalGeneration
+from ..processing_dualtoken import DualTokenProcessor, default_chat_template
 
 
 # Captions, questions and generation requests: the kinds of text the unified model reads (376 words).
@@ -137,7 +138,7 @@ def build_tiny_processor(
     """
     vision_config = DualTokenVisionConfig.from_preset(image_preset)
     processor = DualTokenProcessor(
-        image_processor=DualTokenImageProcessor.from_preset(image_preset),
+        image_processor=DualTokenImageProcessor.from_vision_config(vision_config),
         tokenizer=build_tiny_text_tokenizer(),
         num_image_tokens=vision_config.grid_size**2,
     )
@@ -151,7 +152,8 @@ def build_tiny_unified(save_dir: str | os.PathLike, seed: int = 0, **config_over
     Write a complete random-weight tiny unified model + processor folder and return its path.
 
     The folder holds sharded safetensors, remote code, the generation config (guidance 3), the processor with the
-    tiny tokenizer (built offline) and the DualToken pipelines; it loads without this package installed.
+    tiny tokenizer (built offline), the DualToken pipelines and a model card; it loads without this package
+    installed.
 
     Args:
         save_dir: where to write the folder.
@@ -172,7 +174,8 @@ def build_tiny_unified(save_dir: str | os.PathLike, seed: int = 0, **config_over
     model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(TINY_SPECIAL_TOKENS["im_end"]),
                                             tokenizer.eos_token_id]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return save_unified_folder(model, processor, save_dir, max_shard_size="1MB")
+    card = CardDetails(origin="Random weights from `dualtoken_hf.testing.build_tiny_unified`, for tests and demos.")
+    return save_unified_folder(model, processor, save_dir, card=card, max_shard_size="1MB")
 
 
 __all__ = [

@@ -1,40 +1,29 @@
-"""The `dualtoken` command line (also `python -m dualtoken_hf`): convert official checkpoints, initialise from SigLIP
+"""The `dualtoken` argument parser: every subcommand's arguments, help and example, without importing torch.
+
+Building the parser and rejecting bad values import nothing heavy, so `dualtoken --help` and usage errors answer at
+once; a subcommand's implementation (`Subcommand.module`) is imported only when it runs. Values whose valid set lives
+in the model code (presets, official versions) are checked through [`LazyChoices`].
+"""
+
+import argparse
+import functools
+import importlib
+import json
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from .. import __version__
+
+
+DESCRIPTION = """\
+The `dualtoken` command line (also `python -m dualtoken_hf`): convert official checkpoints, initialise from SigLIP
 and an LLM, tokenize, detokenize, reconstruct, generate, describe, export and push, without writing Python.
 
 On a missing file, an unreadable image, a wrong model folder or a bad value a subcommand prints one line,
 `dualtoken <command>: error: <what went wrong>`, and exits with status 2; `--debug` shows the traceback instead.
 """
-
-import argparse
-import json
-import math
-import sys
-
-import torch
-from safetensors import SafetensorError
-from tqdm.auto import tqdm
-
-from . import __version__
-from .convert.checkpoint import convert_official_folder, read_official_checkpoint
-from .file_io import (
-    check_image_output,
-    load_codes,
-    numbered_outputs,
-    open_image,
-    open_images,
-    save_codes,
-    side_by_side,
-)
-from .hub_export import ExportCheckError, check_output_folder, export_folder, push_folder
-from .initialize import initialize_unified_folder
-from .model_folders import load_image_processor, load_processor, load_tokenizer, load_unified
-
-
-ERROR_STATUS = 2
-INTERRUPTED_STATUS = 130
-# Failures a user can fix (paths, files, folders, values); anything else is a bug and keeps its traceback.
-EXPECTED_ERRORS = (OSError, ValueError, KeyError, SafetensorError, ExportCheckError)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DEFAULT_DESCRIBE_PROMPT = "Describe this image."
 
 
@@ -82,8 +71,10 @@ def probability(text: str) -> float:
     return value
 
 
-def torch_device(text: str) -> torch.device:
+def torch_device(text: str):
     """`auto` (the GPU when there is one, else the CPU) or a torch device name such as `cpu`, `cuda`, `cuda:1`."""
+    import torch
+
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -107,139 +98,27 @@ def json_file(text: str) -> dict:
     return value
 
 
-# ------------------------------------------------------------------------------------------------ subcommands
+class LazyChoices:
+    """argparse `choices` read from the package only when argparse checks a given value or prints the help of the
+    subcommand that has them: the valid names stay defined once, in the model code, and `dualtoken --help` does not
+    import it. `attribute` of the module `dualtoken_hf.<module>` is a dict (its keys are the names) or a sequence."""
+
+    def __init__(self, module: str, attribute: str):
+        self.module = module
+        self.attribute = attribute
+
+    @functools.cached_property
+    def names(self) -> tuple[str, ...]:
+        return tuple(getattr(importlib.import_module(f"..{self.module}", __package__), self.attribute))
+
+    def __contains__(self, value) -> bool:
+        return value in self.names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
 
 
-def run_convert_official(args) -> None:
-    check_output_folder(args.output_dir, args.overwrite)
-    checkpoint = read_official_checkpoint(args.checkpoint, allow_pickle=args.allow_pickle)
-    converted = convert_official_folder(
-        checkpoint,
-        args.output_dir,
-        args.version,
-        official_config=args.official_config,
-        siglip_vision_config=args.siglip_config,
-        keep_text_tower=args.keep_text_tower,
-        siglip_text_config=args.siglip_text_config,
-        license=args.license,
-    )
-    print(f"converted {args.checkpoint} ({args.version}) into {args.output_dir}")
-    print(f"{len(converted.unused_keys)} official key(s) not used" + (":" if converted.unused_keys else ""))
-    for key in converted.unused_keys:
-        print(f"  {key}")
-
-
-def run_init(args) -> None:
-    check_output_folder(args.output_dir, args.overwrite)
-    initialize_unified_folder(
-        args.siglip, args.llm, args.output_dir, args.preset, args.seed, DTYPES[args.dtype], args.license
-    )
-    print(f"wrote an untrained {args.preset} model to {args.output_dir}")
-
-
-def _encoded_batches(tokenizer, image_processor, images: list, batch_size: int):
-    """`(pixel_values, encoded)` per batch of `images`, with a progress bar over images."""
-    with tqdm(total=len(images), unit="image", desc="tokenizing") as progress:
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size]
-            pixel_values = image_processor(batch, return_tensors="pt").pixel_values
-            yield pixel_values, tokenizer.encode(pixel_values.to(tokenizer.device))
-            progress.update(len(batch))
-
-
-def _tokenizer_and_image_processor(folder: str, device: torch.device):
-    tokenizer = load_tokenizer(folder).to(device)
-    return tokenizer, load_image_processor(folder, tokenizer.config)
-
-
-def run_tokenize(args) -> None:
-    images = open_images(args.images)
-    tokenizer, image_processor = _tokenizer_and_image_processor(args.model, args.device)
-    pixel_codes, semantic_codes = [], []
-    for _, encoded in _encoded_batches(tokenizer, image_processor, images, args.batch_size):
-        pixel_codes.append(encoded.pixel_codes.cpu())
-        semantic_codes.append(encoded.semantic_codes.cpu())
-    pixel_codes, semantic_codes = torch.cat(pixel_codes), torch.cat(semantic_codes)
-    save_codes(args.output, pixel_codes, semantic_codes, [str(path) for path in args.images], str(args.model))
-    print(f"wrote {args.output}: pixel and semantic codes of shape {tuple(pixel_codes.shape)}")
-
-
-def _write_images(images: list, output: str) -> None:
-    outputs = numbered_outputs(output, len(images))
-    for path, image in zip(outputs, images):
-        image.save(path)
-    print(f"wrote {', '.join(map(str, outputs))}")
-
-
-def run_detokenize(args) -> None:
-    check_image_output(args.output)
-    pixel_codes = load_codes(args.codes)[0]["pixel_codes"]
-    tokenizer, image_processor = _tokenizer_and_image_processor(args.model, args.device)
-    images = []
-    with tqdm(total=pixel_codes.shape[0], unit="image", desc="decoding") as progress:
-        for batch in pixel_codes.split(args.batch_size):
-            images += image_processor.postprocess(tokenizer.decode(batch.to(args.device)))
-            progress.update(len(batch))
-    _write_images(images, args.output)
-
-
-def run_reconstruct(args) -> None:
-    check_image_output(args.output)
-    images = open_images(args.images)
-    tokenizer, image_processor = _tokenizer_and_image_processor(args.model, args.device)
-    results = []
-    for pixel_values, encoded in _encoded_batches(tokenizer, image_processor, images, args.batch_size):
-        reconstructions = image_processor.postprocess(tokenizer.decode(encoded.pixel_codes))
-        if args.side_by_side:
-            reconstructions = map(side_by_side, image_processor.postprocess(pixel_values), reconstructions)
-        results += reconstructions
-    _write_images(results, args.output)
-
-
-def run_generate(args) -> None:
-    if not args.prompt.strip():
-        raise ValueError("the prompt is empty")
-    check_image_output(args.output)
-    model, processor = load_unified(args.model).to(args.device), load_processor(args.model)
-    inputs = processor(text=[args.prompt], generation_mode="image", return_tensors="pt").to(args.device)
-    generator = torch.Generator(args.device).manual_seed(args.seed) if args.seed is not None else None
-    pixel_codes = model.generate(
-        **inputs,
-        generation_mode="image",
-        guidance_scale=args.guidance_scale,
-        num_images_per_prompt=args.num_images,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        generator=generator,
-        progress_bar=True,
-    )
-    _write_images(processor.postprocess(model.decode_image_tokens(pixel_codes)), args.output)
-
-
-def run_describe(args) -> None:
-    image = open_image(args.image)
-    model, processor = load_unified(args.model).to(args.device), load_processor(args.model)
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": args.prompt}]}]
-    inputs = processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    ).to(args.device)
-    generated = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-    print(processor.post_process_image_text_to_text(generated[:, inputs["input_ids"].shape[1] :])[0].strip())
-
-
-def run_export(args) -> None:
-    print(f"exporting {args.model_dir} to {args.output_dir}, then loading it without dualtoken_hf to check it")
-    result = export_folder(args.model_dir, args.output_dir, args.pixel_decoder, args.license, args.overwrite)
-    print(f"{result.folder} is a complete Hub folder ({result.kind}); it loads with trust_remote_code=True")
-
-
-def run_push(args) -> None:
-    url = push_folder(args.folder, args.repo_id, args.private, args.revision, args.token, args.commit_message)
-    print(f"pushed {args.folder} to {args.repo_id}: {url}")
-
-
-# ------------------------------------------------------------------------------------------------------ parser
+# ------------------------------------------------------------------------------------------------- arguments
 
 TOKENIZER_OR_UNIFIED = "a DualToken tokenizer folder, or a unified model folder (its vision tokenizer is used)"
 UNIFIED_ONLY = "a unified DualToken model folder (model_type 'dualtoken')"
@@ -255,8 +134,10 @@ def _add_output_folder(parser) -> None:
 
 
 def _add_device(parser) -> None:
+    # No string default: argparse would convert it with `torch_device` (importing torch) before reporting a usage
+    # error; `main` resolves a missing --device to `auto` after parsing.
     parser.add_argument(
-        "--device", type=torch_device, default="auto", help="where the model runs: auto (the GPU if any), cpu, cuda"
+        "--device", type=torch_device, help="where the model runs: auto (the GPU if any; default), cpu, cuda"
     )
 
 
@@ -277,7 +158,11 @@ def _convert_official_arguments(parser) -> None:
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="official checkpoint: .pt/.pth/.ckpt or .safetensors")
     _add_output_folder(parser)
     parser.add_argument(
-        "--version", required=True, choices=("paper", "v2"), help="'paper' (2025 release) or 'v2' (later code)"
+        "--version",
+        required=True,
+        choices=LazyChoices("convert.official", "VERSIONS"),
+        metavar="VERSION",
+        help="official layout, one of %(choices)s: 'paper' (2025 release) or 'v2' (later code)",
     )
     parser.add_argument(
         "--official-config",
@@ -316,11 +201,13 @@ def _init_arguments(parser) -> None:
     parser.add_argument(
         "--preset",
         default="dualtoken-3b",
-        choices=("dualtoken-3b", "tiny"),
-        help="tokenizer layout and depth-head sizes (default: dualtoken-3b, the paper's)",
+        choices=LazyChoices("configuration_dualtoken", "UNIFIED_PRESETS"),
+        metavar="PRESET",
+        help="DualTokenConfig preset for the tokenizer layout and depth-head sizes, one of %(choices)s "
+        "(default: %(default)s, the paper's)",
     )
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the new weights (default: 0)")
-    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="dtype of the saved weights")
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="dtype of the saved weights")
     _add_output_folder(parser)
 
 
@@ -392,62 +279,85 @@ def _push_arguments(parser) -> None:
     parser.add_argument("--commit-message", default="Upload DualToken model", metavar="TEXT", help="commit message")
 
 
-# name: (handler, add_arguments, help, example)
+# ------------------------------------------------------------------------------------------------ subcommands
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One `dualtoken` subcommand: `function(args)` of the module `dualtoken_hf.cli.<module>` runs it; that module is
+    imported only then."""
+
+    module: str
+    function: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    help: str
+    example: str
+
+
 SUBCOMMANDS = {
-    "convert-official": (
-        run_convert_official,
+    "convert-official": Subcommand(
+        "create",
+        "run_convert_official",
         _convert_official_arguments,
         "convert an official DualToken tokenizer checkpoint (epoch_N.pt or .safetensors) into a Hub-ready folder; "
         "lists the checkpoint keys it did not use",
         "dualtoken convert-official --version v2 epoch_20.pt dualtoken-tokenizer-v2",
     ),
-    "init": (
-        run_init,
+    "init": Subcommand(
+        "create",
+        "run_init",
         _init_arguments,
         "assemble an untrained unified model as the paper does: tokenizer tower from SigLIP, LLM from a causal LM, "
         "new projector and depth heads, text tokenizer extended with the image tokens",
         "dualtoken init --siglip google/siglip-so400m-patch14-384 --llm Qwen/Qwen2.5-3B dualtoken-3b-init",
     ),
-    "tokenize": (
-        run_tokenize,
+    "tokenize": Subcommand(
+        "codes",
+        "run_tokenize",
         _tokenize_arguments,
         "encode images into pixel and semantic codes, saved as a safetensors file (pixel_codes, semantic_codes: "
         "int64 (B, h, w, D); metadata: the source files and the model)",
         "dualtoken tokenize --model dualtoken-tokenizer-v2 cat.jpg dog.png --output codes.safetensors",
     ),
-    "detokenize": (
-        run_detokenize,
+    "detokenize": Subcommand(
+        "codes",
+        "run_detokenize",
         _detokenize_arguments,
         f"decode the pixel codes of a code file into images ({NUMBERED_OUTPUTS})",
         "dualtoken detokenize --model dualtoken-tokenizer-v2 codes.safetensors --output decoded.png",
     ),
-    "reconstruct": (
-        run_reconstruct,
+    "reconstruct": Subcommand(
+        "codes",
+        "run_reconstruct",
         _reconstruct_arguments,
         f"tokenize images and decode their pixel codes ({NUMBERED_OUTPUTS})",
         "dualtoken reconstruct --model dualtoken-tokenizer-v2 cat.jpg --output cat-reconstructed.png --side-by-side",
     ),
-    "generate": (
-        run_generate,
+    "generate": Subcommand(
+        "unified",
+        "run_generate",
         _generate_arguments,
         f"text to image with a unified model ({NUMBERED_OUTPUTS})",
         'dualtoken generate --model dualtoken-3b "a red fox in the snow" --output fox.png --seed 0',
     ),
-    "describe": (
-        run_describe,
+    "describe": Subcommand(
+        "unified",
+        "run_describe",
         _describe_arguments,
         "answer a prompt about an image with a unified model (greedy decoding) and print the answer",
         'dualtoken describe --model dualtoken-3b photo.jpg --prompt "What is the cat doing?"',
     ),
-    "export": (
-        run_export,
+    "export": Subcommand(
+        "publish",
+        "run_export",
         _export_arguments,
         "write a complete Hub folder (remote code, processor, generation config, model card) and check that it loads "
         "with trust_remote_code=True where dualtoken_hf is not installed; `push` requires that check",
         "dualtoken export dualtoken-3b-trained hub/dualtoken-3b --pixel-decoder",
     ),
-    "push": (
-        run_push,
+    "push": Subcommand(
+        "publish",
+        "run_push",
         _push_arguments,
         "upload a folder that passed `dualtoken export` to a Hub model repository (created if needed)",
         "dualtoken push hub/dualtoken-3b --repo-id my-org/dualtoken-3b --private",
@@ -456,54 +366,23 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `dualtoken` argument parser, one subparser per entry of `SUBCOMMANDS`."""
+    """The `dualtoken` argument parser, one subparser per entry of `SUBCOMMANDS`; `args.command` names the one used."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback when something fails")
     parser = argparse.ArgumentParser(
-        prog="dualtoken", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="dualtoken", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"dualtoken_hf {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    for name, (handler, add_arguments, help, example) in SUBCOMMANDS.items():
+    for name, subcommand in SUBCOMMANDS.items():
         subparser = subparsers.add_parser(
             name,
-            help=help,
-            description=help,
-            epilog=f"example:\n  {example}",
+            help=subcommand.help,
+            description=subcommand.help,
+            epilog=f"example:\n  {subcommand.example}",
             parents=[common],
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        add_arguments(subparser)
-        subparser.set_defaults(handler=handler, command=name)
+        subcommand.add_arguments(subparser)
+        subparser.set_defaults(command=name)
     return parser
-
-
-def _one_line(error: BaseException) -> str:
-    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-    return " ".join(str(message).split()) or type(error).__name__
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run `dualtoken` with `argv` (default: the process arguments); returns the exit status."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_request:  # --help, --version and argparse's own usage errors
-        return exit_request.code if isinstance(exit_request.code, int) else 0
-    try:
-        with torch.no_grad():
-            args.handler(args)
-    except KeyboardInterrupt:
-        print(f"dualtoken {args.command}: interrupted", file=sys.stderr)
-        return INTERRUPTED_STATUS
-    except EXPECTED_ERRORS as error:
-        if args.debug:
-            if isinstance(error, ExportCheckError):
-                print(error.log, file=sys.stderr)
-            raise
-        print(f"dualtoken {args.command}: error: {_one_line(error)}", file=sys.stderr)
-        return ERROR_STATUS
-    return 0
-
-
-__all__ = ["build_parser", "main"]

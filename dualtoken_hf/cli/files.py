@@ -1,4 +1,5 @@
-"""Files the command line reads and writes: image files, numbered image outputs and code files.
+"""Files the command line reads and writes: image files (read with the package's one opener, `open_image`), numbered
+image outputs and code files.
 
 A code file (`dualtoken tokenize`) is a safetensors file with `pixel_codes` and `semantic_codes`, int64 tensors of
 shape `(B, h, w, D)`, and string metadata: `format` (`"dualtoken-codes"`), `sources` (a JSON list of the image file
@@ -10,31 +11,24 @@ import os
 from pathlib import Path
 
 import PIL.Image
-import PIL.ImageOps
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from ..image_processing_dualtoken import open_image
 
 
 CODES_FORMAT = "dualtoken-codes"
 CODE_NAMES = ("pixel_codes", "semantic_codes")
 
 
-def open_image(path: str | os.PathLike) -> PIL.Image.Image:
-    """Open an image file (EXIF orientation applied); a missing or unreadable file raises an error naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such image file: {str(path)!r}")
-    try:
-        with PIL.Image.open(path) as image:
-            image.load()
-            return PIL.ImageOps.exif_transpose(image).copy()
-    except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
-        raise ValueError(f"cannot read {str(path)!r} as an image: {error}") from error
-
-
 def open_images(paths: list[str | os.PathLike]) -> list[PIL.Image.Image]:
-    """`open_image` for every path, in order (so every file is checked before any model work starts)."""
+    """The image files of the command line, upright and RGB (`open_image`), read in order before any model work
+    starts; a missing file raises `FileNotFoundError` (as a missing code file does), an unreadable one `ValueError`,
+    each naming the file."""
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no such image file: {str(path)!r}")
     return [open_image(path) for path in paths]
 
 
@@ -110,7 +104,6 @@ __all__ = [
     "check_image_output",
     "load_codes",
     "numbered_outputs",
-    "open_image",
     "open_images",
     "save_codes",
     "side_by_side",

@@ -13,11 +13,11 @@ from safetensors import safe_open
 from transformers import AutoModel, AutoProcessor
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from .configuration_dualtoken import DualTokenConfig, DualTokenVisionConfig
-from .image_processing_dualtoken import DualTokenImageProcessor
-from .modeling_dualtoken import DualTokenForConditionalGeneration
-from .modeling_dualtoken_vision import DualTokenVisionModel
-from .processing_dualtoken import DualTokenProcessor
+from ..configuration_dualtoken import DualTokenConfig, DualTokenVisionConfig
+from ..image_processing_dualtoken import DualTokenImageProcessor
+from ..modeling_dualtoken import DualTokenForConditionalGeneration
+from ..modeling_dualtoken_vision import DualTokenVisionModel
+from ..processing_dualtoken import DualTokenProcessor
 
 
 TOKENIZER = DualTokenVisionConfig.model_type
@@ -97,25 +97,24 @@ def tokenizer_of(model: DualTokenVisionModel | DualTokenForConditionalGeneration
     return model.vision_tokenizer if isinstance(model, DualTokenForConditionalGeneration) else model
 
 
-def image_processor_for(config: DualTokenVisionConfig) -> DualTokenImageProcessor:
-    """The standard image processor (shortest-side resize + center crop, bicubic) for the tokenizer's image size."""
-    size = config.image_size
-    return DualTokenImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-
-
 def load_image_processor(folder: str | os.PathLike, config: DualTokenVisionConfig) -> DualTokenImageProcessor:
     """The image processor saved in `folder`, else the standard one for `config`; its crop must be the image size."""
     if any((Path(folder) / name).is_file() for name in IMAGE_PROCESSOR_FILES):
         image_processor = DualTokenImageProcessor.from_pretrained(folder)
     else:
-        image_processor = image_processor_for(config)
+        image_processor = DualTokenImageProcessor.from_vision_config(config)
+    check_image_processor(image_processor, config, f"the image processor of {str(folder)!r}")
+    return image_processor
+
+
+def check_image_processor(image_processor: DualTokenImageProcessor, config: DualTokenVisionConfig, name: str) -> None:
+    """Raise a `ValueError` naming `name` if the image processor crops to another size than the tokenizer reads."""
     crop = (image_processor.crop_size.height, image_processor.crop_size.width)
     if image_processor.do_center_crop and crop != (config.image_size, config.image_size):
         raise ValueError(
-            f"the image processor of {str(folder)!r} crops to {crop[0]}x{crop[1]} but the tokenizer reads "
-            f"{config.image_size}x{config.image_size} images"
+            f"{name} crops to {crop[0]}x{crop[1]} but the tokenizer reads {config.image_size}x{config.image_size} "
+            "images"
         )
-    return image_processor
 
 
 def load_processor(folder: str | os.PathLike) -> DualTokenProcessor:
@@ -123,7 +122,7 @@ def load_processor(folder: str | os.PathLike) -> DualTokenProcessor:
     if not (Path(folder) / "processor_config.json").is_file():
         raise FileNotFoundError(
             f"{str(folder)!r} has no processor_config.json: a unified model folder needs its DualTokenProcessor "
-            "(save it with `dualtoken_hf.export.save_unified_folder`)"
+            "(save it with `dualtoken_hf.hub.save_unified_folder`)"
         )
     return AutoProcessor.from_pretrained(folder)
 
@@ -132,8 +131,8 @@ __all__ = [
     "MODEL_TYPES",
     "TOKENIZER",
     "UNIFIED",
+    "check_image_processor",
     "folder_model_type",
-    "image_processor_for",
     "load_image_processor",
     "load_model",
     "load_processor",

@@ -11,13 +11,13 @@ from contextlib import contextmanager
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .configuration_dualtoken import UNIFIED_PRESETS, DualTokenConfig
-from .export import save_unified_folder
-from .model_cards import write_unified_card
-from .model_folders import image_processor_for
-from .modeling_dualtoken import DualTokenForConditionalGeneration
-from .modeling_dualtoken_vision import DualTokenVisionModel
-from .processing_dualtoken import DualTokenProcessor
+from ..configuration_dualtoken import UNIFIED_PRESETS, DualTokenConfig
+from ..image_processing_dualtoken import DualTokenImageProcessor
+from ..modeling_dualtoken import DualTokenForConditionalGeneration
+from ..modeling_dualtoken_vision import DualTokenVisionModel
+from ..processing_dualtoken import DualTokenProcessor
+from .cards import CardDetails
+from .writing import save_unified_folder
 
 
 IMAGE_TOKENS = {"image_token": "<image>", "boi_token": "<begin_of_image>", "eoi_token": "<end_of_image>"}
@@ -78,7 +78,7 @@ def initialize_unified(
         seed: Seed of the new weights (projector, depth heads, tokenizer projections, codebooks, decoder).
 
     Returns:
-        `(model, processor)`; save them with `dualtoken_hf.export.save_unified_folder`. The LLM's token embeddings
+        `(model, processor)`; save them with `dualtoken_hf.hub.save_unified_folder`. The LLM's token embeddings
         grow when the image tokens do not fit its vocabulary.
     """
     if preset not in UNIFIED_PRESETS:
@@ -105,7 +105,7 @@ def initialize_unified(
     model.generation_config.pad_token_id = token_ids["pad_token_id"]
 
     processor = DualTokenProcessor(
-        image_processor=image_processor_for(config.vision_config),
+        image_processor=DualTokenImageProcessor.from_vision_config(config),
         tokenizer=text_tokenizer,
         num_image_tokens=config.num_image_tokens,
         **IMAGE_TOKENS,
@@ -125,13 +125,15 @@ def initialize_unified_folder(
     """[`initialize_unified`], then save model (in `dtype`) and processor as a Hub-ready folder with a model card."""
     model, processor = initialize_unified(siglip, llm, preset, seed)
     model.to(dtype)
-    save_unified_folder(model, processor, output_dir)
-    facts = {"SigLIP tower": f"`{siglip}`", "LLM": f"`{llm}`", "preset": preset, "seed": seed, "dtype": str(dtype)}
-    origin = (
-        "Initialised as in the paper with `dualtoken init`: the tokenizer tower comes from SigLIP and the LLM from a "
-        "pretrained causal LM; the image projector, depth heads, quantizers and pixel decoder are untrained."
+    card = CardDetails(
+        origin=(
+            "Initialised as in the paper with `dualtoken init`: the tokenizer tower comes from SigLIP and the LLM "
+            "from a pretrained causal LM; the image projector, depth heads, quantizers and pixel decoder are untrained."
+        ),
+        facts={"SigLIP tower": f"`{siglip}`", "LLM": f"`{llm}`", "preset": preset, "seed": seed, "dtype": str(dtype)},
+        license=license,
     )
-    write_unified_card(output_dir, model.config, origin, facts=facts, license=license)
+    save_unified_folder(model, processor, output_dir, card=card)
     return model
 
 

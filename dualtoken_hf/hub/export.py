@@ -23,10 +23,10 @@ import transformers
 from huggingface_hub import HfApi
 from huggingface_hub.utils import validate_repo_id
 
-from .convert.checkpoint import TEXT_TOWER_FOLDER
-from .export import save_unified_folder
-from .model_cards import write_tokenizer_card, write_unified_card
-from .model_folders import UNIFIED, folder_model_type, load_image_processor, load_model, load_processor, tokenizer_of
+from ..convert.checkpoint import TEXT_TOWER_FOLDER
+from .cards import CardDetails
+from .folders import UNIFIED, folder_model_type, load_image_processor, load_model, load_processor, tokenizer_of
+from .writing import save_tokenizer_folder, save_unified_folder
 
 
 EXPORT_CHECK_FILE = ".dualtoken_export_check.json"
@@ -96,24 +96,20 @@ class ExportResult:
 def _write_hub_files(model_dir: Path, output_dir: Path, pixel_decoder: bool, license: str) -> str:
     kind = folder_model_type(model_dir)
     model = load_model(model_dir)
-    tokenizer = tokenizer_of(model)
+    card = CardDetails(origin=f"Exported from `{model_dir.name}` with `dualtoken export`.", license=license)
     if kind == UNIFIED:
-        save_unified_folder(model, load_processor(model_dir), output_dir)
+        save_unified_folder(model, load_processor(model_dir), output_dir, card=card)
     else:
-        model.save_pretrained(output_dir)
-        load_image_processor(model_dir, model.config).save_pretrained(output_dir)
+        save_tokenizer_folder(model, output_dir, load_image_processor(model_dir, model.config), card=card)
     if pixel_decoder:
-        tokenizer.pixel_decoder.save_pretrained(output_dir / PIXEL_DECODER_FOLDER)
+        tokenizer_of(model).pixel_decoder.save_pretrained(output_dir / PIXEL_DECODER_FOLDER)
+    # The model folder's own card, when it has one, replaces the new one.
     for name in COPIED_ENTRIES:
         source = model_dir / name
         if source.is_dir():
             shutil.copytree(source, output_dir / name, dirs_exist_ok=True)
         elif source.is_file():
             shutil.copy2(source, output_dir / name)
-    if not (output_dir / CARD_FILE).is_file():
-        write_card = write_unified_card if kind == UNIFIED else write_tokenizer_card
-        origin = f"Exported from `{model_dir.name}` with `dualtoken export`."
-        write_card(output_dir, model.config, origin, license=license)
     return kind
 
 
