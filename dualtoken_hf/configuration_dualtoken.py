@@ -11,12 +11,15 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Configuration of the DualToken vision tokenizer.
+"""Configurations of DualToken: the vision tokenizer, the unified MLLM and their typed sub-configs.
 
 The class defaults describe the paper's tokenizer (the official 2025 release): SigLIP so400m-patch14-384, pixel
 codes from block 6 and semantic codes from block 26 of 27, conv ResNet-block projections 1152 <-> 256 and
 one 32768 x 256 codebook per branch shared by D = 8 residual depths. `from_preset` gives the later official
-layout (`"v2"`) and a tiny one for tests and demos.
+layout (`"v2"`) and a tiny one for tests and demos, as small overrides of those defaults.
+
+The quantizer, pixel-decoder and depth-head settings are sub-configs nested the transformers way (as the SigLIP
+tower is), each default stated once on its class; a `config.json` that stores them as plain dicts loads unchanged.
 """
 
 import copy
@@ -39,27 +42,124 @@ SIGLIP_SO400M_PATCH14_384 = {
     "vision_use_head": True,
 }
 
-QUANTIZER_DEFAULTS = {
-    "codebook_size": 32768,
-    "code_dim": 256,
-    "depth": 8,
-    "shared_codebook": True,
-    "ema_decay": 0.99,
-    "eps": 1e-5,
-    "restart_dead_codes": True,
-    "restart_threshold": 1.0,
-    "ema_update_per_depth": True,
-    "ema_sum_clamp": 1000.0,
-    "official_ema_quirk": False,
-}
+BRANCHES = ("pixel", "semantic")
 
-DECODER_DEFAULTS = {
-    "decoder_in_channels": 1024,
-    "block_out_channels": [128, 128, 512, 512, 1024],
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-}
+
+def check_branch(branch: str) -> str:
+    """`branch` if it names one of the two code branches, else a `ValueError` listing them."""
+    if branch not in BRANCHES:
+        raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
+    return branch
+
+
+def _check_positive(config: PreTrainedConfig, *names: str):
+    for name in names:
+        value = getattr(config, name)
+        if value < 1:
+            raise ValueError(f"{type(config).__name__}.{name} must be at least 1, got {value}")
+
+
+@auto_docstring(
+    custom_intro="""
+    Settings of one [`DualTokenResidualQuantizer`] (eq. 1), a sub-config of [`DualTokenVisionConfig`]. The defaults
+    are the paper tokenizer's (the official 2025 release).
+    """
+)
+@strict
+class DualTokenQuantizerConfig(PreTrainedConfig):
+    r"""
+    codebook_size (`int`, *optional*, defaults to 32768):
+        Number of codes K per codebook.
+    code_dim (`int`, *optional*, defaults to 256):
+        Width C of the latents and code embeddings.
+    depth (`int`, *optional*, defaults to 8):
+        Number of residual depths D.
+    shared_codebook (`bool`, *optional*, defaults to `True`):
+        One codebook for all depths (otherwise one per depth).
+    ema_decay (`float`, *optional*, defaults to 0.99):
+        EMA decay of the cluster sizes and per-code sums.
+    eps (`float`, *optional*, defaults to 1e-05):
+        Laplace smoothing constant of the codebook rewrite.
+    restart_dead_codes (`bool`, *optional*, defaults to `True`):
+        Restart codes whose EMA cluster size falls below `restart_threshold` from random vectors of the batch.
+    restart_threshold (`float`, *optional*, defaults to 1.0):
+        Cluster size under which a code counts as dead.
+    ema_update_per_depth (`bool`, *optional*, defaults to `True`):
+        `True` updates the codebook inside every depth step, so the next depth searches the updated table
+        (official `rq`: v1, v2 pixel). `False` searches all depths with the unchanged table, then runs one update
+        on all depths' (residual, code) pairs (official `rq_ema`: v2 semantic).
+    ema_sum_clamp (`float`, *optional*, defaults to 1000.0):
+        Clamp of a batch's per-code vector sums before the EMA (v1: 1000; `None`, as in v2, disables it). Applied
+        per process, before the all-reduce, as in the official code.
+    official_ema_quirk (`bool`, *optional*, defaults to `False`):
+        Only for `ema_update_per_depth=False`: the official `rq_ema` pairs every depth's codes with the *final*
+        residual; `True` reproduces that, `False` pairs each depth's codes with its own residual.
+    """
+
+    model_type = "dualtoken_quantizer"
+
+    codebook_size: int = 32768
+    code_dim: int = 256
+    depth: int = 8
+    shared_codebook: bool = True
+    ema_decay: float | int = 0.99
+    eps: float | int = 1e-5
+    restart_dead_codes: bool = True
+    restart_threshold: float | int = 1.0
+    ema_update_per_depth: bool = True
+    ema_sum_clamp: float | int | None = 1000.0
+    official_ema_quirk: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_architecture()
+
+    def validate_architecture(self):
+        """Check that the sizes describe a quantizer that can be built."""
+        _check_positive(self, "codebook_size", "code_dim", "depth")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@auto_docstring(
+    custom_intro="""
+    Settings of the [`DualTokenPixelDecoder`] that do not follow from the tokenizer (channels, blocks), a sub-config
+    of [`DualTokenVisionConfig`]. The defaults are the paper tokenizer's.
+    """
+)
+@strict
+class DualTokenPixelDecoderConfig(PreTrainedConfig):
+    r"""
+    decoder_in_channels (`int`, *optional*, defaults to 1024):
+        Channels of the post-quant ResNet block's output, the input of the conv decoder.
+    block_out_channels (`list[int]`, *optional*, defaults to `(128, 128, 512, 512, 1024)`):
+        Channels per decoder level from the highest resolution to the lowest (the official `ch * ch_mult`).
+    layers_per_block (`int`, *optional*, defaults to 2):
+        The official `num_res_blocks`; each level has `layers_per_block + 1` ResNet blocks.
+    norm_num_groups (`int`, *optional*, defaults to 32):
+        GroupNorm groups throughout the decoder.
+    out_channels (`int`, *optional*, defaults to 3):
+        Image channels.
+    """
+
+    model_type = "dualtoken_pixel_decoder"
+
+    decoder_in_channels: int = 1024
+    block_out_channels: list[int] | tuple[int, ...] = (128, 128, 512, 512, 1024)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    out_channels: int = 3
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_architecture()
+
+    def validate_architecture(self):
+        """Check that the channels describe a decoder that can be built."""
+        _check_positive(self, "decoder_in_channels", "layers_per_block", "norm_num_groups", "out_channels")
+        if not self.block_out_channels:
+            raise ValueError("block_out_channels needs at least one decoder level, got none")
+
 
 PROJECTION_TYPES = ("resconv", "attention")
 
@@ -139,13 +239,12 @@ class DualTokenVisionConfig(PreTrainedConfig):
         Run the blocks after `semantic_layer`, the post-layernorm and the pooling head on the quantized
         semantic latents projected back to the SigLIP width (both official versions do). When `False`,
         `encode` stops at the semantic layer and pools its unquantized output.
-    pixel_quantizer_config (`dict`, *optional*):
-        Keyword arguments of the pixel [`DualTokenResidualQuantizer`]; missing keys take the paper values.
-    semantic_quantizer_config (`dict`, *optional*):
-        The same for the semantic quantizer.
-    decoder_config (`dict`, *optional*):
-        Settings of the [`DualTokenPixelDecoder`] that do not follow from the tower (channels, blocks);
-        missing keys take the paper values.
+    pixel_quantizer_config (`dict` or [`DualTokenQuantizerConfig`], *optional*):
+        The pixel quantizer; missing settings take the paper values.
+    semantic_quantizer_config (`dict` or [`DualTokenQuantizerConfig`], *optional*):
+        The semantic quantizer; missing settings take the paper values.
+    decoder_config (`dict` or [`DualTokenPixelDecoderConfig`], *optional*):
+        The pixel decoder's channels and blocks; missing settings take the paper values.
     initializer_range (`float`, *optional*, defaults to 0.02):
         Standard deviation of the normal initialiser of the projections.
 
@@ -160,7 +259,10 @@ class DualTokenVisionConfig(PreTrainedConfig):
 
     model_type = "dualtoken_vision"
     sub_configs_defaults = {
-        "siglip_config": SubConfigSpec(config_class=SiglipVisionConfig, init_kwargs=SIGLIP_SO400M_PATCH14_384)
+        "siglip_config": SubConfigSpec(config_class=SiglipVisionConfig, init_kwargs=SIGLIP_SO400M_PATCH14_384),
+        "pixel_quantizer_config": DualTokenQuantizerConfig,
+        "semantic_quantizer_config": DualTokenQuantizerConfig,
+        "decoder_config": DualTokenPixelDecoderConfig,
     }
 
     siglip_config: dict | PreTrainedConfig | None = None
@@ -171,15 +273,12 @@ class DualTokenVisionConfig(PreTrainedConfig):
     projection_type: str = "resconv"
     causal_up_projection: bool = True
     semantic_feedback: bool = True
-    pixel_quantizer_config: dict | None = None
-    semantic_quantizer_config: dict | None = None
-    decoder_config: dict | None = None
+    pixel_quantizer_config: dict | PreTrainedConfig | None = None
+    semantic_quantizer_config: dict | PreTrainedConfig | None = None
+    decoder_config: dict | PreTrainedConfig | None = None
     initializer_range: float | int = 0.02
 
     def __post_init__(self, **kwargs):
-        self.pixel_quantizer_config = {**QUANTIZER_DEFAULTS, **(self.pixel_quantizer_config or {})}
-        self.semantic_quantizer_config = {**QUANTIZER_DEFAULTS, **(self.semantic_quantizer_config or {})}
-        self.decoder_config = {**DECODER_DEFAULTS, **(self.decoder_config or {})}
         super().__post_init__(**kwargs)
         # Reject an impossible layout here, with the plain `ValueError`: `@strict` runs the same check right after
         # `__init__` but would wrap it in `StrictDataclassClassValidationError`, which is not a `ValueError`.
@@ -203,6 +302,10 @@ class DualTokenVisionConfig(PreTrainedConfig):
     @property
     def image_size(self) -> int:
         return self.siglip_config.image_size
+
+    def quantizer_config(self, branch: str) -> DualTokenQuantizerConfig:
+        """The quantizer settings of `branch` (`"pixel"` or `"semantic"`)."""
+        return {"pixel": self.pixel_quantizer_config, "semantic": self.semantic_quantizer_config}[check_branch(branch)]
 
     @property
     def grid_size(self) -> int:
@@ -238,14 +341,52 @@ QWEN2_5_3B = {
     "tie_word_embeddings": True,
 }
 
-DEPTH_HEAD_DEFAULTS = {
-    "num_layers": 3,
-    "hidden_size": 1024,
-    "num_attention_heads": 16,
-    "intermediate_size": 4096,
-    "hidden_act": "gelu_pytorch_tanh",
-    "layer_norm_eps": 1e-6,
-}
+@auto_docstring(
+    custom_intro="""
+    Settings of the two depth-transformer heads of [`DualTokenForConditionalGeneration`] (eq. 5), a sub-config of
+    [`DualTokenConfig`]. The number of slots and the classifier sizes follow from each branch's quantizer (depth D,
+    codebook size K): one classifier per depth. The defaults are the paper model's.
+    """
+)
+@strict
+class DualTokenDepthHeadConfig(PreTrainedConfig):
+    r"""
+    num_layers (`int`, *optional*, defaults to 3):
+        Causal transformer layers over the D depth slots.
+    hidden_size (`int`, *optional*, defaults to 1024):
+        Width of the slots.
+    num_attention_heads (`int`, *optional*, defaults to 16):
+        Attention heads per layer; must divide `hidden_size`.
+    intermediate_size (`int`, *optional*, defaults to 4096):
+        Width of the MLP inside each layer.
+    hidden_act (`str`, *optional*, defaults to `"gelu_pytorch_tanh"`):
+        Activation of the MLP.
+    layer_norm_eps (`float`, *optional*, defaults to 1e-06):
+        Epsilon of the layer norms.
+    """
+
+    model_type = "dualtoken_depth_head"
+
+    num_layers: int = 3
+    hidden_size: int = 1024
+    num_attention_heads: int = 16
+    intermediate_size: int = 4096
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float | int = 1e-6
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_architecture()
+
+    def validate_architecture(self):
+        """Check that the widths describe heads that can be built."""
+        _check_positive(self, "num_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+
 
 UNIFIED_PRESETS = {
     "dualtoken-3b": {},
@@ -286,10 +427,8 @@ class DualTokenConfig(PreTrainedConfig):
         Any causal-LM config (`model_type` selects the architecture; Qwen2 by default, Llama works too).
     vision_config (`dict` or [`DualTokenVisionConfig`], *optional*):
         The vision tokenizer. Defaults to the paper preset.
-    depth_head_config (`dict`, *optional*):
-        The two depth-transformer heads (eq. 5): `num_layers` (3), `hidden_size`, `num_attention_heads`,
-        `intermediate_size`, `hidden_act`, `layer_norm_eps`. The number of slots and the classifier sizes follow
-        from each branch's quantizer (depth D, codebook size K): one classifier per depth.
+    depth_head_config (`dict` or [`DualTokenDepthHeadConfig`], *optional*):
+        The two depth-transformer heads (eq. 5); missing settings take the paper values.
     projector_hidden_act (`str`, *optional*, defaults to `"gelu"`):
         Activation of the 2-layer MLP that maps concat(pixel, semantic code embeddings) to the LLM width.
     freeze_vision_tokenizer (`bool`, *optional*, defaults to `True`):
@@ -310,11 +449,12 @@ class DualTokenConfig(PreTrainedConfig):
     sub_configs_defaults = {
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2", init_kwargs=QWEN2_5_3B),
         "vision_config": DualTokenVisionConfig,
+        "depth_head_config": DualTokenDepthHeadConfig,
     }
 
     text_config: dict | PreTrainedConfig | None = None
     vision_config: dict | PreTrainedConfig | None = None
-    depth_head_config: dict | None = None
+    depth_head_config: dict | PreTrainedConfig | None = None
     projector_hidden_act: str = "gelu"
     freeze_vision_tokenizer: bool = True
     image_token_id: int = 151665
@@ -324,7 +464,6 @@ class DualTokenConfig(PreTrainedConfig):
     tie_word_embeddings: bool | None = None
 
     def __post_init__(self, **kwargs):
-        self.depth_head_config = {**DEPTH_HEAD_DEFAULTS, **(self.depth_head_config or {})}
         super().__post_init__(**kwargs)
         if self.tie_word_embeddings is None:
             self.tie_word_embeddings = getattr(self.text_config, "tie_word_embeddings", False)
@@ -345,4 +484,10 @@ class DualTokenConfig(PreTrainedConfig):
         return cls(**settings)
 
 
-__all__ = ["DualTokenConfig", "DualTokenVisionConfig"]
+__all__ = [
+    "DualTokenConfig",
+    "DualTokenDepthHeadConfig",
+    "DualTokenPixelDecoderConfig",
+    "DualTokenQuantizerConfig",
+    "DualTokenVisionConfig",
+]

@@ -37,14 +37,13 @@ from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, auto_docstring, logging
 from transformers.utils.logging import tqdm
 
-from .configuration_dualtoken import DualTokenConfig
+from .configuration_dualtoken import BRANCHES, DualTokenConfig
 from .modeling_dualtoken_depth import DualTokenDepthTransformer
 from .modeling_dualtoken_vision import DualTokenVisionModel
 
 
 logger = logging.get_logger(__name__)
 
-BRANCHES = ("pixel", "semantic")
 # Text-generation arguments that pipelines or users pass along and that mean nothing for image generation.
 TEXT_ONLY_GENERATION_ARGUMENTS = ("max_new_tokens", "max_length", "min_new_tokens", "pad_token_id", "eos_token_id")
 PROGRESS_BAR_MIN_POSITIONS = 256
@@ -122,7 +121,8 @@ def _per_depth(value, depth: int, name: str) -> list:
 @auto_docstring
 class DualTokenPreTrainedModel(PreTrainedModel):
     config: DualTokenConfig
-    base_model_prefix = "dualtoken"
+    # The LLM body is the base model: a plain checkpoint of it (`embed_tokens.*`, `layers.*`) loads under this prefix.
+    base_model_prefix = "language_model"
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     output_modalities = ("image", "text")
@@ -165,19 +165,17 @@ class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixi
         self.vision_tokenizer = DualTokenVisionModel(vision_config)
         self.language_model = AutoModel.from_config(text_config)
         self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
-        pixel, semantic = vision_config.pixel_quantizer_config, vision_config.semantic_quantizer_config
         self.image_projector = DualTokenImageProjector(
-            pixel["code_dim"], semantic["code_dim"], text_config.hidden_size, config.projector_hidden_act
+            vision_config.pixel_quantizer_config.code_dim,
+            vision_config.semantic_quantizer_config.code_dim,
+            text_config.hidden_size,
+            config.projector_hidden_act,
         )
         self.pixel_head, self.semantic_head = (
             DualTokenDepthTransformer(
-                input_size=text_config.hidden_size,
-                code_dim=quantizer["code_dim"],
-                depth=quantizer["depth"],
-                codebook_size=quantizer["codebook_size"],
-                **config.depth_head_config,
+                config.depth_head_config, text_config.hidden_size, vision_config.quantizer_config(branch)
             )
-            for quantizer in (pixel, semantic)
+            for branch in BRANCHES
         )
         # CODEPATH: the paper's model keeps the tokenizer frozen: the `dualtoken-3b` and `tiny` presets and every
         # folder `build_tiny_unified` writes (no official unified checkpoint was released). `False` is for runs that
@@ -215,9 +213,6 @@ class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixi
     def _head(self, branch: str) -> DualTokenDepthTransformer:
         return self.pixel_head if branch == "pixel" else self.semantic_head
 
-    def _quantizer(self, branch: str):
-        return self.vision_tokenizer.pixel_quantizer if branch == "pixel" else self.vision_tokenizer.semantic_quantizer
-
     # ----------------------------------------------------------------------------------------------- image input
 
     def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.LongTensor, torch.LongTensor]:
@@ -228,8 +223,8 @@ class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixi
 
     def embed_image_codes(self, pixel_codes: torch.LongTensor, semantic_codes: torch.LongTensor) -> torch.Tensor:
         """Codes `(N, h, w, D)` of both branches -> LLM input embeddings `(N, h, w, hidden)` (Fig. 3c)."""
-        pixel = self.vision_tokenizer.pixel_quantizer.embed_codes(pixel_codes)
-        semantic = self.vision_tokenizer.semantic_quantizer.embed_codes(semantic_codes)
+        pixel = self.vision_tokenizer.embed_codes(pixel_codes, "pixel")
+        semantic = self.vision_tokenizer.embed_codes(semantic_codes, "semantic")
         return self.image_projector(pixel.to(self.dtype), semantic.to(self.dtype))
 
     def embed_inputs(
@@ -268,16 +263,14 @@ class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixi
 
     def _image_loss(self, branch, hidden_states, labels, image_mask, codes) -> torch.Tensor:
         """eq. 8 for one branch: at each image target, the hidden state one position earlier predicts its D codes."""
-        flat_codes = codes.flatten(0, 2)  # (image positions, D), in placeholder order
         target = labels[image_mask] == self.config.image_token_id
         if not target.any():
             return hidden_states.new_zeros(())
         predicting = torch.zeros_like(image_mask)
         predicting[:, :-1] = image_mask[:, 1:] & (labels[:, 1:] == self.config.image_token_id)
-        target_codes = flat_codes[target]
-        embeddings = torch.stack(
-            [self._quantizer(branch).embed_codes_at_depth(target_codes[:, d], d) for d in range(codes.shape[-1])], dim=1
-        )
+        # (image positions, D) codes and (image positions, D, C) embeddings, in placeholder order
+        target_codes = codes.flatten(0, 2)[target]
+        embeddings = self.vision_tokenizer.embed_codes(codes, branch, per_depth=True).flatten(0, 2)[target]
         logits = self._head(branch)(hidden_states[predicting], embeddings.to(hidden_states.dtype))
         per_depth = F.cross_entropy(logits.float().flatten(0, 1), target_codes.flatten(), reduction="none")
         return per_depth.view_as(target_codes).sum(dim=1).mean()
@@ -526,9 +519,11 @@ class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixi
         for position in tqdm(range(num_positions), desc="image positions", disable=not show_progress):
             embedding_sums = {}
             for branch in BRANCHES:
-                quantizer = self._quantizer(branch)
                 position_codes, embedding_sums[branch] = self._head(branch).sample(
-                    hidden, chooser[branch], quantizer.embed_codes_at_depth, use_cache=use_depth_cache
+                    hidden,
+                    chooser[branch],
+                    self.vision_tokenizer.quantizer(branch).embed_codes_at_depth,
+                    use_cache=use_depth_cache,
                 )
                 codes[branch].append(position_codes[:batch_size])
             if callback is not None:

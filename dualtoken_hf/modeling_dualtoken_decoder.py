@@ -29,6 +29,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import Decoder, DecoderOutput
 from diffusers.models.modeling_utils import ModelMixin
 
+from .configuration_dualtoken import DualTokenPixelDecoderConfig
 from .modeling_dualtoken_projection import PointwiseInResnetBlock2D, build_projection
 
 
@@ -63,16 +64,12 @@ class DualTokenPixelDecoder(ModelMixin, ConfigMixin):
         hidden_size (`int`): Width of the SigLIP tower (1152 for so400m); the up-projection's output width.
         projection_type (`str`): `"attention"` (v2) or `"resconv"` (v1) for `post_projection`.
         sample_size (`int`): Output image side in pixels (384 for the released models).
-        decoder_in_channels (`int`): Channels of `post_quant_conv`'s output, the input of the conv decoder.
-        block_out_channels (`tuple[int, ...]`): Channels per decoder level, listed from the **highest** resolution
-            to the lowest (diffusers convention; the official `ch * ch_mult`).
-        layers_per_block (`int`, *optional*, defaults to 2): The official `num_res_blocks`; each level has
-            `layers_per_block + 1` ResNet blocks.
+        decoder_in_channels, block_out_channels, layers_per_block, norm_num_groups, out_channels: as in
+            [`DualTokenPixelDecoderConfig`], whose defaults they take. `block_out_channels` is listed from the
+            **highest** resolution to the lowest (diffusers convention; the official `ch * ch_mult`).
         up_block_types (`tuple[str, ...]`, *optional*): One diffusers up-block type per level, listed from the
             **lowest** resolution up. Defaults to `AttnUpDecoderBlock2D` at the lowest resolution and
             `UpDecoderBlock2D` elsewhere, matching the official `attn_resolutions`.
-        norm_num_groups (`int`, *optional*, defaults to 32): GroupNorm groups throughout the conv decoder.
-        out_channels (`int`, *optional*, defaults to 3): Image channels.
         causal_projection (`bool`, *optional*, defaults to `True`): Raster-order causal attention in
             `post_projection` (as in the official v2). Ignored by the v1 conv projection, which is not causal.
     """
@@ -86,12 +83,14 @@ class DualTokenPixelDecoder(ModelMixin, ConfigMixin):
         hidden_size: int,
         projection_type: str,
         sample_size: int,
-        decoder_in_channels: int,
-        block_out_channels: tuple[int, ...],
-        layers_per_block: int = 2,
+        # A diffusers model keeps its keyword constructor (its `config.json` is diffusers'); the settings it shares
+        # with the tokenizer's decoder sub-config take their defaults from that one class.
+        decoder_in_channels: int = DualTokenPixelDecoderConfig.decoder_in_channels,
+        block_out_channels: tuple[int, ...] = DualTokenPixelDecoderConfig.block_out_channels,
+        layers_per_block: int = DualTokenPixelDecoderConfig.layers_per_block,
         up_block_types: tuple[str, ...] | None = None,
-        norm_num_groups: int = 32,
-        out_channels: int = 3,
+        norm_num_groups: int = DualTokenPixelDecoderConfig.norm_num_groups,
+        out_channels: int = DualTokenPixelDecoderConfig.out_channels,
         causal_projection: bool = True,
     ):
         super().__init__()

@@ -27,17 +27,19 @@ from torch import nn
 from transformers import GradientCheckpointingLayer
 from transformers.activations import ACT2FN
 
+from .configuration_dualtoken import DualTokenDepthHeadConfig, DualTokenQuantizerConfig
+
 
 SlotCache = list[tuple[torch.Tensor, torch.Tensor] | None]
 
 
 class DualTokenDepthAttention(nn.Module):
-    """Causal multi-head self-attention over depth slots, with an optional key/value cache."""
+    """Causal multi-head self-attention over depth slots, with an optional key/value cache.
+
+    `DualTokenDepthHeadConfig` checks that `hidden_size` is a multiple of `num_heads`."""
 
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} must be a multiple of num_attention_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
@@ -92,38 +94,28 @@ class DualTokenDepthTransformer(nn.Module):
     One depth head (pixel or semantic): `num_layers` causal layers over D slots and D classifiers.
 
     Args:
+        config: the transformer (paper: 3 layers).
         input_size: width of the LLM hidden state h_p (slot 1 input).
-        code_dim: width C of the branch's code embeddings (slot d > 1 input, eq. 5).
-        depth: number of slots and classifiers D.
-        codebook_size: classes K of each classifier.
-        num_layers, hidden_size, num_attention_heads, intermediate_size, hidden_act, layer_norm_eps: the
-            transformer (paper: 3 layers).
+        quantizer_config: the branch's quantizer, which gives the number of slots and classifiers (its depth D),
+            the classes of each classifier (its codebook size K) and the width of the code embeddings that slots
+            d > 1 read (its `code_dim`, eq. 5).
     """
 
-    def __init__(
-        self,
-        input_size: int,
-        code_dim: int,
-        depth: int,
-        codebook_size: int,
-        num_layers: int,
-        hidden_size: int,
-        num_attention_heads: int,
-        intermediate_size: int,
-        hidden_act: str,
-        layer_norm_eps: float,
-    ):
+    def __init__(self, config: DualTokenDepthHeadConfig, input_size: int, quantizer_config: DualTokenQuantizerConfig):
         super().__init__()
-        self.depth = depth
-        self.input_projection = nn.Linear(input_size, hidden_size)
-        self.code_projection = nn.Linear(code_dim, hidden_size)
-        self.slot_embeddings = nn.Embedding(depth, hidden_size)
+        width = config.hidden_size
+        self.depth = quantizer_config.depth
+        self.input_projection = nn.Linear(input_size, width)
+        self.code_projection = nn.Linear(quantizer_config.code_dim, width)
+        self.slot_embeddings = nn.Embedding(self.depth, width)
         self.layers = nn.ModuleList(
-            DualTokenDepthLayer(hidden_size, num_attention_heads, intermediate_size, hidden_act, layer_norm_eps)
-            for _ in range(num_layers)
+            DualTokenDepthLayer(
+                width, config.num_attention_heads, config.intermediate_size, config.hidden_act, config.layer_norm_eps
+            )
+            for _ in range(config.num_layers)
         )
-        self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.classifiers = nn.ModuleList(nn.Linear(hidden_size, codebook_size) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.classifiers = nn.ModuleList(nn.Linear(width, quantizer_config.codebook_size) for _ in range(self.depth))
 
     def _slot_input(self, slot: int, hidden_states=None, code_embedding_sum=None) -> torch.Tensor:
         """eq. 5: slot 1 reads h_p, slot d > 1 the sum of the code embeddings of depths < d; plus a slot embedding."""

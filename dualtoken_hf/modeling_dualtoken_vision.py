@@ -29,13 +29,10 @@ from transformers import PreTrainedModel, SiglipVisionModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput, auto_docstring, can_return_tuple
 
-from .configuration_dualtoken import DualTokenVisionConfig
+from .configuration_dualtoken import DualTokenVisionConfig, check_branch
 from .modeling_dualtoken_decoder import DualTokenPixelDecoder
 from .modeling_dualtoken_projection import build_projection
 from .quantization_dualtoken import DualTokenResidualQuantizer
-
-
-BRANCHES = ("pixel", "semantic")
 
 
 @auto_docstring(
@@ -99,11 +96,16 @@ class DualTokenVisionOutput(ModelOutput):
     reconstruction_loss: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
+    def branch_codes(self, branch: str) -> torch.LongTensor:
+        """The codes of `branch` (`"pixel"` or `"semantic"`)."""
+        return {"pixel": self.pixel_codes, "semantic": self.semantic_codes}[check_branch(branch)]
+
 
 @auto_docstring
 class DualTokenVisionPreTrainedModel(PreTrainedModel):
     config: DualTokenVisionConfig
-    base_model_prefix = "dualtoken_vision"
+    # The attribute that holds the tokenizer in a model built on it (`DualTokenForConditionalGeneration`).
+    base_model_prefix = "vision_tokenizer"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
@@ -158,8 +160,8 @@ class DualTokenVisionModel(DualTokenVisionPreTrainedModel):
         super().__init__(config)
         config.validate_architecture()
         hidden = config.siglip_config.hidden_size
-        pixel_dim = config.pixel_quantizer_config["code_dim"]
-        semantic_dim = config.semantic_quantizer_config["code_dim"]
+        pixel_dim = config.pixel_quantizer_config.code_dim
+        semantic_dim = config.semantic_quantizer_config.code_dim
 
         self.siglip = SiglipVisionModel(config.siglip_config)
         self.pixel_projection = build_projection(config.projection_type, hidden, pixel_dim)
@@ -169,18 +171,23 @@ class DualTokenVisionModel(DualTokenVisionPreTrainedModel):
             build_projection(config.projection_type, hidden, pixel_dim) if config.shortcut_layer is not None else None
         )
         self.semantic_projection = build_projection(config.projection_type, hidden, semantic_dim)
-        self.pixel_quantizer = DualTokenResidualQuantizer(**config.pixel_quantizer_config)
-        self.semantic_quantizer = DualTokenResidualQuantizer(**config.semantic_quantizer_config)
+        self.pixel_quantizer = DualTokenResidualQuantizer(config.pixel_quantizer_config)
+        self.semantic_quantizer = DualTokenResidualQuantizer(config.semantic_quantizer_config)
         self.semantic_up_projection = build_projection(
             config.projection_type, semantic_dim, hidden, causal=config.causal_up_projection
         )
+        decoder = config.decoder_config
         self.pixel_decoder = DualTokenPixelDecoder(
             latent_channels=pixel_dim,
             hidden_size=hidden,
             projection_type=config.projection_type,
             sample_size=config.image_size,
+            decoder_in_channels=decoder.decoder_in_channels,
+            block_out_channels=decoder.block_out_channels,
+            layers_per_block=decoder.layers_per_block,
+            norm_num_groups=decoder.norm_num_groups,
+            out_channels=decoder.out_channels,
             causal_projection=config.causal_up_projection,
-            **config.decoder_config,
         )
         self.post_init()
 
@@ -273,21 +280,23 @@ class DualTokenVisionModel(DualTokenVisionPreTrainedModel):
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
         )
 
-    def _quantizer(self, branch: str) -> DualTokenResidualQuantizer:
-        if branch not in BRANCHES:
-            raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
-        return self.pixel_quantizer if branch == "pixel" else self.semantic_quantizer
+    # ------------------------------------------------------------------------------------- the two branches
+
+    def quantizer(self, branch: str) -> DualTokenResidualQuantizer:
+        """The residual quantizer of `branch` (`"pixel"` or `"semantic"`), e.g. for its `codebook_statistics` or,
+        in sampling loops, its unchecked `embed_codes_at_depth`."""
+        return {"pixel": self.pixel_quantizer, "semantic": self.semantic_quantizer}[check_branch(branch)]
 
     def embed_codes(self, codes: torch.LongTensor, branch: str = "pixel", per_depth: bool = False) -> torch.Tensor:
         """Look up code embeddings: `(B, h, w, D)` codes -> `(B, h, w, C)` summed over depth, or
         `(B, h, w, D, C)` with `per_depth=True`. `branch` is `"pixel"` or `"semantic"`."""
-        quantizer = self._quantizer(branch)
+        quantizer = self.quantizer(branch)
         return quantizer.embed_codes_per_depth(codes) if per_depth else quantizer.embed_codes(codes)
 
     def semantic_features_from_codes(self, semantic_codes: torch.LongTensor) -> torch.Tensor:
         """Semantic codes `(B, h, w, D)` -> the features `(B, h*w, hidden)` that replace the semantic layer's
         output (the up-projection of the summed code embeddings)."""
-        embeddings = self.semantic_quantizer.embed_codes(semantic_codes)
+        embeddings = self.embed_codes(semantic_codes, "semantic")
         return self.semantic_up_projection(embeddings).flatten(1, 2)
 
     def decode(self, pixel_codes: torch.LongTensor) -> torch.Tensor:
@@ -298,8 +307,7 @@ class DualTokenVisionModel(DualTokenVisionPreTrainedModel):
         side = self.config.grid_size
         if pixel_codes.dim() != 4 or pixel_codes.shape[1:3] != (side, side):
             raise ValueError(f"pixel_codes must have shape (batch, {side}, {side}, depth), got {tuple(pixel_codes.shape)}")
-        embeddings = self.pixel_quantizer.embed_codes(pixel_codes)
-        return self.decode_embeddings(embeddings)
+        return self.decode_embeddings(self.embed_codes(pixel_codes, "pixel"))
 
     def decode_embeddings(self, pixel_embeddings: torch.Tensor) -> torch.Tensor:
         """Summed pixel code embeddings `(B, h, w, C)` -> images `(B, 3, H, W)`."""

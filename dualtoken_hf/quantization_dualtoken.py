@@ -13,8 +13,7 @@
 # limitations under the License.
 """Residual quantizer of the DualToken vision tokenizer (RQ-VAE style, EMA codebooks, dead-code restart).
 
-Self-contained on purpose (imports only torch and transformers' `ModelOutput` and `auto_docstring`) so it can ship in a
-Hub repository as remote code.
+Imports only torch, transformers and its sibling config module, so it ships in a Hub repository as remote code.
 """
 
 import math
@@ -24,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from transformers.utils import ModelOutput, auto_docstring
+
+from .configuration_dualtoken import DualTokenQuantizerConfig
 
 
 @auto_docstring(custom_intro="Output of [`DualTokenResidualQuantizer`].")
@@ -56,57 +57,27 @@ class DualTokenResidualQuantizer(nn.Module):
     EMA cluster size drops below `restart_threshold` are restarted from random vectors of the batch.
 
     Args:
-        codebook_size (`int`): Number of codes K per codebook.
-        code_dim (`int`): Width C of latents and embeddings.
-        depth (`int`): Number of residual depths D.
-        shared_codebook (`bool`, defaults to `True`): One codebook for all depths (otherwise one per depth).
-        ema_decay (`float`, defaults to 0.99): EMA decay of cluster sizes and per-code sums.
-        eps (`float`, defaults to 1e-5): Laplace smoothing constant of the codebook rewrite.
-        restart_dead_codes (`bool`, defaults to `True`): Restart codes whose EMA cluster size falls below
-            `restart_threshold`.
-        restart_threshold (`float`, defaults to 1.0): Cluster-size threshold under which a code counts as dead.
-        ema_update_per_depth (`bool`, defaults to `True`): `True` updates the codebook inside every depth step, so
-            the next depth searches the updated table (official `rq`, v1 and v2 pixel). `False` searches all depths
-            with the unchanged table and then runs one update on all depths' (residual, code) pairs (official
-            `rq_ema`, v2 semantic).
-        ema_sum_clamp (`float`, *optional*): Clamp the per-code vector sums of a batch to `[-clamp, clamp]` before
-            the EMA (v1 uses 1000). Applied per process, before the all-reduce, as in the official code.
-        official_ema_quirk (`bool`, defaults to `False`): Only for `ema_update_per_depth=False`. The official `rq_ema`
-            pairs every depth's codes with the *final* residual; `True` reproduces that, `False` pairs each depth's
-            codes with its own residual.
+        config ([`DualTokenQuantizerConfig`]): Codebook sizes, depth and EMA schedule (documented there).
     """
 
-    def __init__(
-        self,
-        codebook_size: int,
-        code_dim: int,
-        depth: int,
-        shared_codebook: bool = True,
-        ema_decay: float = 0.99,
-        eps: float = 1e-5,
-        restart_dead_codes: bool = True,
-        restart_threshold: float = 1.0,
-        ema_update_per_depth: bool = True,
-        ema_sum_clamp: float | None = None,
-        official_ema_quirk: bool = False,
-    ):
+    def __init__(self, config: DualTokenQuantizerConfig):
         super().__init__()
-        self.codebook_size = codebook_size
-        self.code_dim = code_dim
-        self.depth = depth
-        self.shared_codebook = shared_codebook
-        self.ema_decay = ema_decay
-        self.eps = eps
-        self.restart_dead_codes = restart_dead_codes
-        self.restart_threshold = restart_threshold
-        self.ema_update_per_depth = ema_update_per_depth
-        self.ema_sum_clamp = ema_sum_clamp
-        self.official_ema_quirk = official_ema_quirk
+        self.codebook_size = config.codebook_size
+        self.code_dim = config.code_dim
+        self.depth = config.depth
+        self.shared_codebook = config.shared_codebook
+        self.ema_decay = config.ema_decay
+        self.eps = config.eps
+        self.restart_dead_codes = config.restart_dead_codes
+        self.restart_threshold = config.restart_threshold
+        self.ema_update_per_depth = config.ema_update_per_depth
+        self.ema_sum_clamp = config.ema_sum_clamp
+        self.official_ema_quirk = config.official_ema_quirk
 
-        num_codebooks = 1 if shared_codebook else depth
-        self.codebook = nn.Buffer(torch.empty(num_codebooks, codebook_size, code_dim))
-        self.cluster_size_ema = nn.Buffer(torch.empty(num_codebooks, codebook_size))
-        self.embed_ema = nn.Buffer(torch.empty(num_codebooks, codebook_size, code_dim))
+        num_codebooks = 1 if self.shared_codebook else self.depth
+        self.codebook = nn.Buffer(torch.empty(num_codebooks, self.codebook_size, self.code_dim))
+        self.cluster_size_ema = nn.Buffer(torch.empty(num_codebooks, self.codebook_size))
+        self.embed_ema = nn.Buffer(torch.empty(num_codebooks, self.codebook_size, self.code_dim))
         self.reset_parameters()
 
     @property
@@ -182,28 +153,28 @@ class DualTokenResidualQuantizer(nn.Module):
         return self.embed_codes_per_depth(codes).sum(dim=-2)
 
     @torch.no_grad()
+    def code_counts(self, codes: torch.LongTensor) -> torch.LongTensor:
+        """Per-depth code histogram `(D, K)` of `codes` `(B, h, w, D)`."""
+        self._check_codes(codes)
+        flat_codes = codes.reshape(-1, self.depth)
+        return torch.stack([torch.bincount(flat_codes[:, d], minlength=self.codebook_size) for d in range(self.depth)])
+
+    @torch.no_grad()
+    def dead_codes(self) -> torch.LongTensor:
+        """Per depth `(D,)`: codes of that depth's codebook whose `cluster_size_ema` is below `restart_threshold`."""
+        return torch.stack(
+            [(self.cluster_size_ema[self._codebook_index(d)] < self.restart_threshold).sum() for d in range(self.depth)]
+        )
+
+    @torch.no_grad()
     def codebook_statistics(self, codes: torch.LongTensor) -> dict[str, torch.Tensor]:
         """
         Per-depth codebook health for logging, from `codes` `(B, h, w, D)` of this process.
 
-        Returns a dict of 1-D tensors of length D: `"usage"` (fraction of the K codes that appear in `codes`),
-        `"perplexity"` (exp of the entropy of the code histogram) and `"dead_codes"` (number of codes of that depth's
-        codebook whose `cluster_size_ema` is below `restart_threshold`).
+        Returns a dict of 1-D tensors of length D: `"usage"` and `"perplexity"` of the code histogram (see
+        [`code_histogram_statistics`]) and `"dead_codes"` (see [`~DualTokenResidualQuantizer.dead_codes`]).
         """
-        self._check_codes(codes)
-        flat_codes = codes.reshape(-1, self.depth)
-        usage, perplexity, dead_codes = [], [], []
-        for d in range(self.depth):
-            counts = torch.bincount(flat_codes[:, d], minlength=self.codebook_size).float()
-            probs = counts / counts.sum()
-            usage.append((counts > 0).float().mean())
-            perplexity.append(torch.special.entr(probs).sum().exp())
-            dead_codes.append((self.cluster_size_ema[self._codebook_index(d)] < self.restart_threshold).sum())
-        return {
-            "usage": torch.stack(usage),
-            "perplexity": torch.stack(perplexity),
-            "dead_codes": torch.stack(dead_codes),
-        }
+        return {**code_histogram_statistics(self.code_counts(codes)), "dead_codes": self.dead_codes()}
 
     def _codebook_index(self, d: int) -> int:
         return 0 if self.shared_codebook else d
@@ -297,6 +268,17 @@ class DualTokenResidualQuantizer(nn.Module):
         total = cluster_size.sum()
         smoothed_size = total * (cluster_size + self.eps) / (total + self.codebook_size * self.eps)
         return embed_sum / smoothed_size.reshape(-1, 1)
+
+
+def code_histogram_statistics(counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per row of a code histogram `(D, K)`: `"usage"` (fraction of the K codes that occur) and `"perplexity"` (exp of
+    the entropy of the code distribution). Integer counts are computed in float32, float counts in their own dtype."""
+    counts = counts if counts.is_floating_point() else counts.float()
+    probabilities = counts / counts.sum(dim=-1, keepdim=True)
+    return {
+        "usage": (counts > 0).to(counts.dtype).mean(dim=-1),
+        "perplexity": torch.special.entr(probabilities).sum(dim=-1).exp(),
+    }
 
 
 def _is_distributed() -> bool:

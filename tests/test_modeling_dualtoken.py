@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dualtoken_hf import DualTokenConfig, DualTokenForConditionalGeneration, DualTokenVisionConfig
+from transformers import AutoModel
+
+from dualtoken_hf import DualTokenConfig, DualTokenForConditionalGeneration, DualTokenVisionConfig, DualTokenVisionModel
 
 
 TEXT_CONFIGS = {
@@ -118,7 +120,7 @@ def test_image_loss_is_the_depth_heads_cross_entropy_summed_over_depths(model, i
         hidden = hidden.last_hidden_state[0]
         positions = (input_ids[0] == config.image_token_id).nonzero().squeeze(1)
         targets = pixel_codes.flatten(0, 2)
-        embeddings = model.vision_tokenizer.pixel_quantizer.embed_codes_per_depth(pixel_codes).flatten(0, 2)
+        embeddings = model.vision_tokenizer.embed_codes(pixel_codes, "pixel", per_depth=True).flatten(0, 2)
         logits = model.pixel_head(hidden[positions - 1], embeddings)
     per_depth = [F.cross_entropy(logits[:, d], targets[:, d]) for d in range(targets.shape[1])]
     torch.testing.assert_close(output.pixel_loss, torch.stack(per_depth).sum(), rtol=1e-5, atol=1e-5)
@@ -177,7 +179,7 @@ def generate_codes(model, seed=0, **kwargs):
 
 def test_generated_codes_are_in_range_and_decode_to_images(model):
     output = generate_codes(model, return_dict_in_generate=True)
-    quantizer = model.vision_tokenizer.pixel_quantizer
+    quantizer = model.vision_tokenizer.quantizer("pixel")
     for codes in (output.pixel_codes, output.semantic_codes):
         assert codes.shape == (2, 4, 4, 4)
         assert codes.min() >= 0 and codes.max() < quantizer.codebook_size
@@ -241,3 +243,25 @@ def test_progress_callback_counts_every_position(model):
     calls = []
     generate_codes(model, callback=lambda done, total: calls.append((done, total)))
     assert calls == [(p, 16) for p in range(1, 17)]
+
+
+def test_a_plain_llm_checkpoint_loads_under_the_base_model_prefix(tmp_path):
+    config = DualTokenConfig.from_preset("tiny")
+    torch.manual_seed(1)
+    llm = AutoModel.from_config(config.text_config)
+    llm.save_pretrained(tmp_path)
+    model = DualTokenForConditionalGeneration.from_pretrained(tmp_path, config=config)
+    assert model.base_model is model.language_model
+    loaded = model.language_model.state_dict()
+    for key, value in llm.state_dict().items():
+        assert torch.equal(loaded[key], value), key
+
+
+def test_the_tokenizer_loads_out_of_a_unified_checkpoint(tmp_path):
+    model = build_model(seed=2)
+    model.save_pretrained(tmp_path)
+    tokenizer = DualTokenVisionModel.from_pretrained(tmp_path, config=model.config.vision_config)
+    assert getattr(model, DualTokenVisionModel.base_model_prefix) is model.vision_tokenizer
+    loaded = tokenizer.state_dict()
+    for key, value in model.vision_tokenizer.state_dict().items():
+        assert torch.equal(loaded[key], value), key

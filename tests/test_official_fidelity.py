@@ -5,6 +5,7 @@ import torch
 
 from conftest import relative_error
 from dualtoken_hf import DualTokenVisionModel
+from dualtoken_hf.configuration_dualtoken import BRANCHES
 from dualtoken_hf.convert import official_to_hf
 
 
@@ -33,6 +34,14 @@ def converted(official):
 
 def as_grid(tensor: torch.Tensor, side: int = 4) -> torch.Tensor:
     return tensor.unflatten(1, (side, side)) if tensor.dim() == 3 else tensor
+
+
+def test_converted_quantizer_settings_follow_the_official_layout(official):
+    config, _ = official_to_hf(official.state, official.preset, official.official_config, official.siglip_vision_config)
+    clamp = 1000.0 if official.version == "v1" else None  # v1 clamps the EMA sums, v2 does not
+    for branch in BRANCHES:
+        assert config.quantizer_config(branch).ema_sum_clamp == clamp
+        assert config.quantizer_config(branch).ema_update_per_depth == (branch == "pixel" or official.version == "v1")
 
 
 def test_encode_reproduces_official_codes_exactly(converted):
@@ -85,8 +94,8 @@ def test_post_layernorm_output_matches_official(converted):
 def test_code_embedding_helpers_match_official(converted):
     official, model, encoded = converted
     with torch.no_grad():
-        for branch in ("pixel", "semantic"):
-            codes = getattr(encoded, f"{branch}_codes")
+        for branch in BRANCHES:
+            codes = encoded.branch_codes(branch)
             per_depth = model.embed_codes(codes, branch, per_depth=True)
             summed = model.embed_codes(codes, branch)
             assert relative_error(per_depth, official.io[f"codes.{branch}.embeddings_with_depth"]) <= TOLERANCE
@@ -124,11 +133,8 @@ def run_two_training_forwards(model, images):
             output = model(images)
             steps.append(
                 {
-                    "codes": {b: getattr(output, f"{b}_codes") for b in ("pixel", "semantic")},
-                    "buffers": {
-                        b: {n: t.clone() for n, t in getattr(model, f"{b}_quantizer").named_buffers()}
-                        for b in ("pixel", "semantic")
-                    },
+                    "codes": {b: output.branch_codes(b) for b in BRANCHES},
+                    "buffers": {b: {n: t.clone() for n, t in model.quantizer(b).named_buffers()} for b in BRANCHES},
                 }
             )
     return steps
@@ -149,7 +155,7 @@ def test_training_forwards_reproduce_official_ema_and_restarts(official):
     model = build_converted(official, official_ema_quirk=True)
     steps = run_two_training_forwards(model, official.io["input.images"])
     for index, step in enumerate(steps):
-        for branch in ("pixel", "semantic"):
+        for branch in BRANCHES:
             assert torch.equal(step["codes"][branch], official.io[f"train.step{index + 1}.{branch}.codes"])
             assert_buffers_match(official, index, branch, step["buffers"][branch])
 

@@ -9,23 +9,26 @@ import torch.multiprocessing as mp
 
 from conftest import REFERENCE_DIR, OfficialReference
 
+from dualtoken_hf.configuration_dualtoken import DualTokenQuantizerConfig
 from dualtoken_hf.quantization_dualtoken import DualTokenResidualQuantizer, ResidualQuantizerOutput
 
 
-
-
-# Official quantizer settings per version and branch: (state-dict prefix, our constructor arguments).
+# Official quantizer settings per version and branch: (state-dict prefix, our config settings).
 OFFICIAL_QUANTIZERS = {
     "v1": {
         "pixel": ("quantizer", {"ema_sum_clamp": 1000.0}),
         "semantic": ("quantizer_semantic", {"ema_sum_clamp": 1000.0}),
     },
     "v2": {
-        "pixel": ("quantizer_pix", {}),
-        "semantic": ("quantizer_sem", {"ema_update_per_depth": False}),
+        "pixel": ("quantizer_pix", {"ema_sum_clamp": None}),
+        "semantic": ("quantizer_sem", {"ema_sum_clamp": None, "ema_update_per_depth": False}),
     },
 }
 CASES = [(version, branch) for version in ("v1", "v2") for branch in ("pixel", "semantic")]
+
+
+def make_quantizer(**settings) -> DualTokenResidualQuantizer:
+    return DualTokenResidualQuantizer(DualTokenQuantizerConfig(**settings))
 
 
 def load_official_quantizer(state: dict, prefix: str, **kwargs) -> DualTokenResidualQuantizer:
@@ -33,7 +36,7 @@ def load_official_quantizer(state: dict, prefix: str, **kwargs) -> DualTokenResi
     depth = sum(1 for key in state if key.startswith(f"{prefix}.codebooks.") and key.endswith(".weight"))
     weight = state[f"{prefix}.codebooks.0.weight"]
     assert torch.all(weight[-1] == 0), "the official padding row is expected to be zero"
-    quantizer = DualTokenResidualQuantizer(weight.shape[0] - 1, weight.shape[1], depth, **kwargs)
+    quantizer = make_quantizer(codebook_size=weight.shape[0] - 1, code_dim=weight.shape[1], depth=depth, **kwargs)
     quantizer.load_state_dict(
         {
             "codebook": weight[None, :-1],
@@ -175,7 +178,7 @@ def test_after_all_depths_update_pairs_codes_with_own_residual_unless_official_q
 
 def test_gradient_is_straight_through_to_latents_and_never_reaches_codebook():
     torch.manual_seed(0)
-    quantizer = DualTokenResidualQuantizer(codebook_size=16, code_dim=4, depth=3).train()
+    quantizer = make_quantizer(codebook_size=16, code_dim=4, depth=3).train()
     latents = torch.randn(2, 3, 3, 4, requires_grad=True)
 
     quantizer(latents).quantized_latents.sum().backward()
@@ -187,7 +190,7 @@ def test_gradient_is_straight_through_to_latents_and_never_reaches_codebook():
 
 def test_commitment_loss_is_mean_over_depths_of_partial_sum_errors():
     torch.manual_seed(0)
-    quantizer = DualTokenResidualQuantizer(codebook_size=16, code_dim=4, depth=3).eval()
+    quantizer = make_quantizer(codebook_size=16, code_dim=4, depth=3).eval()
     latents = torch.randn(2, 3, 3, 4)
 
     output = quantizer(latents)
@@ -200,7 +203,7 @@ def test_commitment_loss_is_mean_over_depths_of_partial_sum_errors():
 
 def test_ema_changes_buffers_only_in_training_mode():
     torch.manual_seed(0)
-    quantizer = DualTokenResidualQuantizer(codebook_size=16, code_dim=4, depth=2)
+    quantizer = make_quantizer(codebook_size=16, code_dim=4, depth=2)
     initial = {name: buffer.clone() for name, buffer in quantizer.named_buffers()}
     latents = torch.randn(2, 3, 3, 4)
 
@@ -215,7 +218,7 @@ def test_ema_changes_buffers_only_in_training_mode():
 
 def test_dead_codes_are_restarted_from_batch_vectors_with_cluster_size_one():
     torch.manual_seed(0)
-    quantizer = DualTokenResidualQuantizer(codebook_size=8, code_dim=4, depth=1).train()
+    quantizer = make_quantizer(codebook_size=8, code_dim=4, depth=1).train()
     eye = torch.eye(4) * 10
     quantizer.codebook[0] = torch.cat([eye, -eye])
     quantizer.embed_ema[0] = quantizer.codebook[0]
@@ -238,9 +241,22 @@ def test_dead_codes_are_restarted_from_batch_vectors_with_cluster_size_one():
     assert ((quantizer.codebook[0, 2:] - initial_embed_ema[2:]).abs().amax(dim=1) > 1).all()
 
 
+@pytest.mark.parametrize("settings, expected_sum", [({}, 1000.0), ({"ema_sum_clamp": None}, 2400.0)])
+def test_ema_sums_are_clamped_at_the_config_default_unless_disabled(settings, expected_sum):
+    """The config's default clamp (1000, the paper's) is the one the quantizer applies; `None` switches it off."""
+    quantizer = make_quantizer(codebook_size=2, code_dim=2, depth=1, restart_dead_codes=False, **settings).train()
+    quantizer.codebook[0] = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
+    quantizer.embed_ema[0] = quantizer.codebook[0]
+    latents = torch.full((1, 2, 2, 2), 600.0)  # four vectors on code 0: a batch sum of 2400 per channel
+
+    quantizer(latents)
+
+    torch.testing.assert_close(quantizer.embed_ema[0, 0], torch.full((2,), 0.99 * 1.0 + 0.01 * expected_sum))
+
+
 def test_codebook_is_one_tensor_when_shared_and_one_per_depth_otherwise():
-    shared = DualTokenResidualQuantizer(codebook_size=16, code_dim=4, depth=3, shared_codebook=True)
-    unshared = DualTokenResidualQuantizer(codebook_size=16, code_dim=4, depth=3, shared_codebook=False)
+    shared = make_quantizer(codebook_size=16, code_dim=4, depth=3, shared_codebook=True)
+    unshared = make_quantizer(codebook_size=16, code_dim=4, depth=3, shared_codebook=False)
 
     assert shared.codebook.shape == (1, 16, 4) and shared.embed_ema.shape == (1, 16, 4)
     assert shared.cluster_size_ema.shape == (1, 16)
@@ -250,7 +266,7 @@ def test_codebook_is_one_tensor_when_shared_and_one_per_depth_otherwise():
 
 def test_reset_parameters_gives_standard_normal_codebook_and_matching_ema():
     torch.manual_seed(0)
-    quantizer = DualTokenResidualQuantizer(codebook_size=512, code_dim=8, depth=2)
+    quantizer = make_quantizer(codebook_size=512, code_dim=8, depth=2)
     quantizer.cluster_size_ema.fill_(3.0)
 
     quantizer.reset_parameters()
@@ -262,7 +278,7 @@ def test_reset_parameters_gives_standard_normal_codebook_and_matching_ema():
 
 def test_search_under_bf16_autocast_gives_fp32_codes():
     torch.manual_seed(0)
-    quantizer = DualTokenResidualQuantizer(codebook_size=256, code_dim=8, depth=4).eval()
+    quantizer = make_quantizer(codebook_size=256, code_dim=8, depth=4).eval()
     latents = torch.randn(2, 8, 8, 8)
     fp32_output = quantizer(latents)
     # precondition: a bf16 search would pick other codes at depth 1, so the test can tell the difference
@@ -283,7 +299,7 @@ def test_search_under_bf16_autocast_gives_fp32_codes():
 
 def test_bf16_latents_are_searched_in_fp32_and_returned_in_bf16():
     torch.manual_seed(0)
-    quantizer = DualTokenResidualQuantizer(codebook_size=64, code_dim=8, depth=4).eval()
+    quantizer = make_quantizer(codebook_size=64, code_dim=8, depth=4).eval()
     latents = torch.randn(2, 4, 4, 8).bfloat16()
 
     output = quantizer(latents)
@@ -293,7 +309,7 @@ def test_bf16_latents_are_searched_in_fp32_and_returned_in_bf16():
 
 
 def test_codebook_statistics_report_usage_perplexity_and_dead_codes():
-    quantizer = DualTokenResidualQuantizer(codebook_size=4, code_dim=2, depth=2)
+    quantizer = make_quantizer(codebook_size=4, code_dim=2, depth=2)
     quantizer.cluster_size_ema[0] = torch.tensor([0.0, 1.0, 2.0, 0.5])
     codes = torch.stack([torch.zeros(8, dtype=torch.long), torch.arange(8) % 4], dim=-1).reshape(2, 2, 2, 2)
 
@@ -313,7 +329,7 @@ def test_codebook_statistics_report_usage_perplexity_and_dead_codes():
     ],
 )
 def test_wrong_shapes_raise_value_error(method, shape, match):
-    quantizer = DualTokenResidualQuantizer(codebook_size=64, code_dim=8, depth=4)
+    quantizer = make_quantizer(codebook_size=64, code_dim=8, depth=4)
     tensor = torch.zeros(shape) if method == "forward" else torch.zeros(shape, dtype=torch.long)
     with pytest.raises(ValueError, match=match):
         getattr(quantizer, method)(tensor)
@@ -323,7 +339,7 @@ def test_wrong_shapes_raise_value_error(method, shape, match):
     "bad_code,match", [(64, r"in \[0, 64\), got min 0 and max 64"), (-1, r"got min -1 and max 0")]
 )
 def test_out_of_range_codes_raise_value_error(bad_code, match):
-    quantizer = DualTokenResidualQuantizer(codebook_size=64, code_dim=8, depth=4)
+    quantizer = make_quantizer(codebook_size=64, code_dim=8, depth=4)
     codes = torch.zeros(1, 2, 2, 4, dtype=torch.long)
     codes[0, 1, 1, 2] = bad_code
     with pytest.raises(ValueError, match=match):
@@ -339,8 +355,8 @@ def _distributed_worker(rank, world_size, init_file, out_dir):
     try:
         torch.manual_seed(0)  # identical initial codebooks on every rank
         quantizers = [
-            DualTokenResidualQuantizer(codebook_size=16, code_dim=4, depth=3).train(),
-            DualTokenResidualQuantizer(
+            make_quantizer(codebook_size=16, code_dim=4, depth=3).train(),
+            make_quantizer(
                 codebook_size=16, code_dim=4, depth=3, shared_codebook=False, ema_update_per_depth=False
             ).train(),
         ]

@@ -171,9 +171,33 @@ def test_decode_rejects_codes_of_the_wrong_grid_or_range(tiny_model):
         tiny_model.decode(torch.full((1, 8, 8, 4), 256, dtype=torch.long))
 
 
-def test_embed_codes_rejects_unknown_branch(tiny_model):
-    with pytest.raises(ValueError, match="branch"):
-        tiny_model.embed_codes(torch.zeros(1, 8, 8, 4, dtype=torch.long), branch="texture")
+def test_branch_api_routes_each_branch_to_its_own_quantizer_and_codes(tiny_model, images):
+    tiny_model.eval()
+    with torch.no_grad():
+        encoded = tiny_model.encode(images)
+    assert tiny_model.quantizer("pixel") is tiny_model.pixel_quantizer
+    assert tiny_model.quantizer("semantic") is tiny_model.semantic_quantizer
+    assert encoded.branch_codes("pixel") is encoded.pixel_codes
+    assert encoded.branch_codes("semantic") is encoded.semantic_codes
+    codes = encoded.semantic_codes
+    per_depth = tiny_model.embed_codes(codes, "semantic", per_depth=True)
+    torch.testing.assert_close(per_depth[..., 2, :], tiny_model.semantic_quantizer.codebook[0][codes[..., 2]])
+    torch.testing.assert_close(tiny_model.embed_codes(codes, "semantic"), per_depth.sum(dim=-2))
+    assert not torch.equal(tiny_model.embed_codes(codes, "pixel"), tiny_model.embed_codes(codes, "semantic"))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda model, codes: model.embed_codes(codes, branch="texture"),
+        lambda model, codes: model.quantizer("texture"),
+        lambda model, codes: model.encode(torch.zeros(1, 3, 64, 64)).branch_codes("texture"),
+    ],
+    ids=["embed_codes", "quantizer", "branch_codes"],
+)
+def test_unknown_branches_are_rejected(tiny_model, call):
+    with pytest.raises(ValueError, match=r"branch must be one of \('pixel', 'semantic'\), got 'texture'"):
+        call(tiny_model.eval(), torch.zeros(1, 8, 8, 4, dtype=torch.long))
 
 
 def test_from_siglip_loads_the_pretrained_tower(tmp_path):

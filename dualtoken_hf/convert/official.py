@@ -7,7 +7,7 @@ shortcut, a config dict per branch). The SigLIP text tower and the contrastive l
 
 import torch
 
-from ..configuration_dualtoken import DualTokenVisionConfig
+from ..configuration_dualtoken import BRANCHES, DualTokenQuantizerConfig, DualTokenVisionConfig
 from .official_keys import convert_official_decoder, convert_official_projection
 
 
@@ -29,10 +29,12 @@ PROJECTIONS = {
         "postquant_sem": "semantic_up_projection",
     },
 }
+# branch -> official quantizer module, per version; ours are `pixel_quantizer` and `semantic_quantizer`
 QUANTIZERS = {
-    "paper": {"quantizer": "pixel_quantizer", "quantizer_semantic": "semantic_quantizer"},
-    "v2": {"quantizer_pix": "pixel_quantizer", "quantizer_sem": "semantic_quantizer"},
+    "paper": {"pixel": "quantizer", "semantic": "quantizer_semantic"},
+    "v2": {"pixel": "quantizer_pix", "semantic": "quantizer_sem"},
 }
+OUR_QUANTIZERS = {"pixel": "pixel_quantizer", "semantic": "semantic_quantizer"}
 # The pixel decoder's official modules: the post-quant projection, the post-quant ResNet block and the conv decoder.
 DECODER_MODULES = {
     "paper": ("postquant_visual", "post_quant_conv", "decoder"),
@@ -43,17 +45,25 @@ DECODER_MODULES = {
 V1_PIXEL_OFFSET, V1_SHORT_TOWER_PIXEL_OFFSET, V1_SEMANTIC_OFFSET = 22, 4, 2
 
 
-def _quantizer_settings(official: dict, semantic_ema_per_depth: bool, ema_sum_clamp) -> dict:
-    return {
+# official optional quantizer setting -> ours; one the official config leaves out takes `DualTokenQuantizerConfig`'s
+# default (the released configs state all three)
+OPTIONAL_QUANTIZER_SETTINGS = {
+    "shared_codebook": "shared_codebook",
+    "decay": "ema_decay",
+    "restart_unused_codes": "restart_dead_codes",
+}
+
+
+def _quantizer_settings(official: dict, ema_update_per_depth: bool, ema_sum_clamp) -> dict:
+    settings = {
         "codebook_size": official["n_embed"],
         "code_dim": official["embed_dim"],
         "depth": official["code_shape"][-1],
-        "shared_codebook": official.get("shared_codebook", True),
-        "ema_decay": official.get("decay", 0.99),
-        "restart_dead_codes": official.get("restart_unused_codes", True),
-        "ema_update_per_depth": semantic_ema_per_depth,
+        "ema_update_per_depth": ema_update_per_depth,
         "ema_sum_clamp": ema_sum_clamp,
     }
+    settings.update({ours: official[key] for key, ours in OPTIONAL_QUANTIZER_SETTINGS.items() if key in official})
+    return settings
 
 
 def _decoder_settings(ddconfig: dict, latent_shape, image_size: int) -> dict:
@@ -116,9 +126,9 @@ def official_config_to_hf(
     return DualTokenVisionConfig(siglip_config=siglip, decoder_config=decoder, semantic_feedback=True, **layout)
 
 
-def _convert_quantizer(state_dict: dict, prefix: str, settings: dict) -> dict:
+def _convert_quantizer(state_dict: dict, prefix: str, settings: DualTokenQuantizerConfig) -> dict:
     """Official per-depth tables (K+1 rows, the last a zero padding row) -> one table per distinct codebook."""
-    depth, size = settings["depth"], settings["codebook_size"]
+    depth, size = settings.depth, settings.codebook_size
     tables = {}
     for name, rows in (("weight", size), ("embed_ema", size), ("cluster_size_ema", size)):
         per_depth = []
@@ -127,7 +137,7 @@ def _convert_quantizer(state_dict: dict, prefix: str, settings: dict) -> dict:
             if key not in state_dict:
                 raise KeyError(f"official checkpoint lacks {key}")
             per_depth.append(state_dict[key][:rows])
-        if settings["shared_codebook"]:
+        if settings.shared_codebook:
             if any(not torch.equal(per_depth[0], t) for t in per_depth[1:]):
                 raise ValueError(f"{prefix} is configured as a shared codebook but its depth copies of {name} differ")
             per_depth = per_depth[:1]
@@ -145,7 +155,7 @@ def official_module_prefixes(version: str) -> tuple[str, ...]:
         SIGLIP_PREFIX,
         *DROPPED_PREFIXES,
         *_prefixes(PROJECTIONS[version]),
-        *_prefixes(QUANTIZERS[version]),
+        *_prefixes(QUANTIZERS[version].values()),
         *_prefixes(DECODER_MODULES[version]),
     )
 
@@ -190,16 +200,17 @@ def official_to_hf(
         converted.update({f"{ours}.{key}": value for key, value in module_state.items()})
         used.update(key for key in source if key.startswith(official + "."))
 
-    for official, ours in QUANTIZERS[version].items():
-        settings = getattr(config, f"{ours.split('_')[0]}_quantizer_config")
-        converted.update({f"{ours}.{k}": v for k, v in _convert_quantizer(source, official, settings).items()})
+    for branch in BRANCHES:
+        official, ours = QUANTIZERS[version][branch], OUR_QUANTIZERS[branch]
+        module_state = _convert_quantizer(source, official, config.quantizer_config(branch))
+        converted.update({f"{ours}.{key}": value for key, value in module_state.items()})
         used.update(key for key in source if key.startswith(official + "."))
 
     decoder_state = convert_official_decoder(
         source,
         "v1" if version == "paper" else "v2",
-        num_levels=len(config.decoder_config["block_out_channels"]),
-        layers_per_block=config.decoder_config["layers_per_block"],
+        num_levels=len(config.decoder_config.block_out_channels),
+        layers_per_block=config.decoder_config.layers_per_block,
     )
     converted.update({f"pixel_decoder.{key}": value for key, value in decoder_state.items()})
     used.update(key for key in source if key.startswith(_prefixes(DECODER_MODULES[version])))

@@ -2,7 +2,7 @@
 
 import torch
 
-from ..quantization_dualtoken import DualTokenResidualQuantizer
+from ..quantization_dualtoken import DualTokenResidualQuantizer, code_histogram_statistics
 
 
 class CodeHistogram:
@@ -18,20 +18,11 @@ class CodeHistogram:
 
     def update(self, codes: torch.LongTensor):
         """Count a batch of codes `(B, h, w, D)`."""
-        flat_codes = codes.detach().reshape(-1, self.quantizer.depth).cpu()
-        for d in range(self.quantizer.depth):
-            self.counts[d] += torch.bincount(flat_codes[:, d], minlength=self.quantizer.codebook_size).double()
+        self.counts += self.quantizer.code_counts(codes.detach()).cpu().double()
 
     def statistics(self) -> dict[str, list[float]]:
         """Per depth: `usage` (fraction of the K codes seen), `perplexity` (exp of the entropy of the histogram) and
         `dead_codes` (codes whose EMA cluster size is below the restart threshold, from the quantizer's buffers)."""
-        probabilities = self.counts / self.counts.sum(dim=1, keepdim=True)
-        # Dead codes depend only on the quantizer's EMA buffers; any valid codes will do as the argument.
-        device = self.quantizer.codebook.device
-        placeholder_codes = torch.zeros(1, 1, 1, self.quantizer.depth, dtype=torch.long, device=device)
-        dead_codes = self.quantizer.codebook_statistics(placeholder_codes)["dead_codes"]
-        return {
-            "usage": (self.counts > 0).double().mean(dim=1).tolist(),
-            "perplexity": torch.special.entr(probabilities).sum(dim=1).exp().tolist(),
-            "dead_codes": [int(count) for count in dead_codes.tolist()],
-        }
+        statistics = {name: values.tolist() for name, values in code_histogram_statistics(self.counts).items()}
+        statistics["dead_codes"] = self.quantizer.dead_codes().tolist()
+        return statistics
