@@ -11,12 +11,19 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""PIL/NumPy image processor for the DualToken vision tokenizer.
+"""PIL/NumPy image processor for the DualToken vision tokenizer, and the one image path of the project.
 
-Hub-facing module: it imports only transformers, torch, numpy and PIL, so it can be copied alone into a model folder
-and loaded with `AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)`.
+Every tool that reads or writes images goes through this module: [`open_image`] (files, bytes, `datasets` values ->
+upright RGB), [`flatten_images`] (nested inputs -> single images), [`DualTokenImageProcessor`] (images ->
+`pixel_values` in [-1, 1] and back), and [`to_pixel_values`] / [`to_pil_images`] (8-bit images <-> `pixel_values`,
+without resizing).
+
+Hub-facing module: it imports only transformers, torch, numpy, PIL and its sibling `configuration_dualtoken`, so it
+can be copied (with that sibling) into a model folder and loaded with
+`AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)`.
 """
 
+import io
 import os
 from typing import Any
 
@@ -36,18 +43,22 @@ from transformers.image_utils import (
 from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import auto_docstring, is_torch_available
 
+from .configuration_dualtoken import SIGLIP_SO400M_PATCH14_384, DualTokenVisionConfig
+
 
 if is_torch_available():
     import torch
 
 
-# Square input resolution of each tokenizer preset; the shortest-edge resize and the center crop both use it.
-_PRESET_IMAGE_SIZES = {"paper": 384, "v2": 384, "tiny": 64}
+# The class defaults describe the paper's tokenizer, whose SigLIP tower reads 384 x 384 images.
+_PAPER_IMAGE_SIZE = SIGLIP_SO400M_PATCH14_384["image_size"]
 
 _VALID_CHANNELS = (1, 3, 4)
 _POSTPROCESS_RETURN_TYPES = ("PIL.Image.Image", "np", "pt")
 # 16-bit PIL modes (16-bit PNG/TIFF decode to these); their values are read as 0..65535.
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+# Modes whose values do not fit 8 bits: the processor keeps their precision, `open_image` rounds them to 8 bits.
+_HIGH_BIT_DEPTH_MODES = (*_SIXTEEN_BIT_MODES, "F")
 # Bicubic resampling of float images in [0, 1] may overshoot by a hair; larger excursions mean a wrong value range.
 _FLOAT_RANGE_TOLERANCE = 1e-3
 
@@ -79,7 +90,7 @@ _FLOAT_RANGE_TOLERANCE = 1e-3
       0/255); float images hold values in [0, 1]. When both ends of the shape could be channels (e.g. `(3, 5, 3)`),
       NumPy arrays are read channels-last and torch tensors channels-first, unless `input_data_format` says
       otherwise. Four channels are RGBA and are composited on white like PIL images.
-    - `str` / `os.PathLike` paths to image files, opened with PIL (EXIF orientation applied).
+    - `str` / `os.PathLike` paths to image files, read with [`open_image`] (EXIF orientation applied, 8-bit RGB).
 
     Anything else (an empty list, a zero-size image, 2 or 5 channels, NaN/inf, out-of-range values, a wrong number
     of dimensions, an unreadable path, a non-image object) raises `ValueError` naming the problem.
@@ -96,8 +107,8 @@ class DualTokenImageProcessor(PilBackend):
     resample = PILImageResampling.BICUBIC
     image_mean = IMAGENET_STANDARD_MEAN
     image_std = IMAGENET_STANDARD_STD
-    size = {"shortest_edge": _PRESET_IMAGE_SIZES["paper"]}
-    crop_size = {"height": _PRESET_IMAGE_SIZES["paper"], "width": _PRESET_IMAGE_SIZES["paper"]}
+    size = {"shortest_edge": _PAPER_IMAGE_SIZE}
+    crop_size = {"height": _PAPER_IMAGE_SIZE, "width": _PAPER_IMAGE_SIZE}
     default_to_square = False
     do_resize = True
     do_center_crop = True
@@ -107,28 +118,42 @@ class DualTokenImageProcessor(PilBackend):
     model_input_names = ["pixel_values"]
 
     @classmethod
-    def from_preset(cls, name: str, **kwargs) -> "DualTokenImageProcessor":
+    def from_vision_config(cls, config, **kwargs) -> "DualTokenImageProcessor":
         """
-        Build the image processor of a named tokenizer preset.
+        Build the image processor of a tokenizer from its config.
 
         Args:
-            name (`str`):
-                One of `"paper"` (384 px), `"v2"` (384 px) or `"tiny"` (64 px).
+            config (`DualTokenVisionConfig` or `DualTokenConfig`):
+                The tokenizer's config, or a unified model's (its `vision_config` is used).
             kwargs:
                 Overrides passed on to the constructor.
 
         Returns:
-            `DualTokenImageProcessor`: resizing the shortest side to, and center-cropping a square of, the preset's
-            image size.
+            `DualTokenImageProcessor`: resizing the shortest side to, and center-cropping a square of, the
+            tokenizer's image size (its SigLIP tower's `image_size`).
+
+        Raises:
+            `ValueError`: if `config` is neither config.
         """
-        if name not in _PRESET_IMAGE_SIZES:
-            raise ValueError(f"Unknown preset {name!r}; valid presets are {sorted(_PRESET_IMAGE_SIZES)}")
-        image_size = _PRESET_IMAGE_SIZES[name]
-        preset_kwargs = {
-            "size": {"shortest_edge": image_size},
-            "crop_size": {"height": image_size, "width": image_size},
-        }
-        return cls(**{**preset_kwargs, **kwargs})
+        vision_config = getattr(config, "vision_config", config)
+        # Compared by model type, not class: a config from the package and one from a folder's remote code are
+        # different classes for the same model.
+        if getattr(vision_config, "model_type", None) != DualTokenVisionConfig.model_type:
+            raise ValueError(
+                f"config must be a DualTokenVisionConfig or a DualTokenConfig, got {type(config).__name__}"
+            )
+        image_size = vision_config.image_size
+        size_kwargs = {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
+        return cls(**{**size_kwargs, **kwargs})
+
+    @classmethod
+    def from_preset(cls, name: str, **kwargs) -> "DualTokenImageProcessor":
+        """
+        The image processor of a tokenizer preset: [`~DualTokenImageProcessor.from_vision_config`] of
+        `DualTokenVisionConfig.from_preset(name)` (`"paper"` and `"v2"` read 384 px, `"tiny"` 64 px), with `kwargs`
+        overriding constructor arguments.
+        """
+        return cls.from_vision_config(DualTokenVisionConfig.from_preset(name), **kwargs)
 
     @auto_docstring(
         custom_intro="""
@@ -155,38 +180,11 @@ class DualTokenImageProcessor(PilBackend):
         return super().preprocess(images, **kwargs)
 
     def _prepare_images_structure(self, images, expected_ndims: int = 3) -> list:
-        """Flatten the input into a list of single images, loading paths and splitting 4-D batches."""
-        flat_images = []
-        self._flatten_into(images, flat_images)
+        """Flatten the input into a list of single images (see [`flatten_images`]) and open the paths."""
+        flat_images = [open_image(image) if isinstance(image, str) else image for image in flatten_images(images)]
         if not flat_images:
             raise ValueError("No images to process: got an empty list/batch; pass at least one image.")
         return flat_images
-
-    def _flatten_into(self, images, flat_images: list) -> None:
-        if isinstance(images, (list, tuple)):
-            for image in images:
-                self._flatten_into(image, flat_images)
-        elif isinstance(images, (str, os.PathLike)):
-            flat_images.append(_open_image_file(images))
-        elif isinstance(images, PIL.Image.Image):
-            flat_images.append(images)
-        elif isinstance(images, np.ndarray) or (is_torch_available() and isinstance(images, torch.Tensor)):
-            if images.ndim == 4:
-                if images.shape[0] == 0:
-                    raise ValueError(f"No images to process: got an empty batch of shape {tuple(images.shape)}.")
-                flat_images.extend(images[index] for index in range(images.shape[0]))
-            elif images.ndim in (2, 3):
-                flat_images.append(images)
-            else:
-                raise ValueError(
-                    f"An image array must have 2 (H, W), 3 (H, W, C or C, H, W) or 4 (batch) dimensions, got "
-                    f"{images.ndim} dimensions with shape {tuple(images.shape)}."
-                )
-        else:
-            raise ValueError(
-                f"Unsupported image type {type(images).__name__}: pass a PIL.Image.Image, a numpy.ndarray, a "
-                "torch.Tensor, a path to an image file, or a list of those."
-            )
 
     def process_image(self, image, input_data_format: str | ChannelDimension | None = None, **kwargs) -> np.ndarray:
         """
@@ -302,14 +300,138 @@ class DualTokenImageProcessor(PilBackend):
         return [PIL.Image.fromarray(np.ascontiguousarray(image)) for image in images]
 
 
-def _open_image_file(path: str | os.PathLike) -> PIL.Image.Image:
-    """Open an image file with PIL, applying its EXIF orientation like `transformers.image_utils.load_image`."""
+def open_image(image) -> PIL.Image.Image:
+    """
+    Read one image the way every DualToken tool does: decoded completely, upright and in 8-bit RGB.
+
+    - The EXIF orientation is applied (a photo taken in portrait comes out in portrait).
+    - The whole image is decoded now, so a truncated or corrupt file fails here rather than in a later resize.
+    - The mode is converted as [`DualTokenImageProcessor`] converts PIL images: transparency (`RGBA`, `LA`, `PA`,
+      `P` or `L`/`RGB` with a transparency key) is composited on white, 16-bit (`I;16*`, `I`) and float (`F`) images
+      are scaled to 8 bits (not clipped), every other mode (`1`, `L`, `P`, `CMYK`, `YCbCr`, ...) goes through PIL's
+      own conversion.
+    - Of an animation file (GIF, APNG, WebP), the first frame.
+
+    Args:
+        image (`str`, `os.PathLike`, `bytes`, a binary file object, `dict` or `PIL.Image.Image`):
+            A path to an image file, the bytes of one, an open binary file, what `datasets` holds for an undecoded
+            image (`{"bytes": ..., "path": ...}`: the bytes when present, else the path), or a PIL image (not
+            modified; a lazily opened one is decoded now).
+
+    Returns:
+        `PIL.Image.Image`: a new image of mode `RGB`.
+
+    Raises:
+        `ValueError`: when the image cannot be read (missing, truncated or corrupt file, not an image, too many
+        pixels for PIL's decompression-bomb guard, ...); the message names the file and says why. Also for an
+        unsupported type of `image`.
+    """
+    source, name = _image_source(image)
+    # PIL's decoders report unreadable data with many exception types (OSError, SyntaxError, struct.error,
+    # DecompressionBombError, ...); to a caller they all mean the same: this is not a readable image.
     try:
-        with PIL.Image.open(path) as image:
-            image.load()
-            return PIL.ImageOps.exif_transpose(image).copy()
-    except (OSError, ValueError) as error:
-        raise ValueError(f"Could not read an image from path {os.fspath(path)!r}: {error}") from error
+        if isinstance(source, PIL.Image.Image):
+            source.load()
+            return _to_rgb_image(PIL.ImageOps.exif_transpose(source))
+        with PIL.Image.open(source) as opened:
+            opened.load()
+            return _to_rgb_image(PIL.ImageOps.exif_transpose(opened))
+    except Exception as error:
+        raise ValueError(f"cannot read {name} as an image: {error}") from error
+
+
+def _image_source(image) -> tuple[Any, str]:
+    """What `PIL.Image.open` (or `open_image`, for PIL images) reads for `image`, and how error messages name it."""
+    if isinstance(image, dict) and ("bytes" in image or "path" in image):
+        data, path = image.get("bytes"), image.get("path")
+        if data is None and path is None:
+            raise ValueError("cannot read an image from a datasets value whose 'bytes' and 'path' are both None")
+        if data is None:
+            return _image_source(path)
+        return io.BytesIO(data), repr(path) if path else f"{len(data)} bytes of image data"
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+        return io.BytesIO(data), f"{len(data)} bytes of image data"
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image), repr(os.fspath(image))
+    if isinstance(image, PIL.Image.Image):
+        return image, repr(image.filename) if getattr(image, "filename", None) else f"a {image.mode} PIL image"
+    if hasattr(image, "read"):
+        return image, repr(image.name) if isinstance(getattr(image, "name", None), str) else "a file object"
+    raise ValueError(
+        f"Unsupported image source {type(image).__name__}: pass a path, bytes, a binary file object, a datasets "
+        "image value ({'bytes': ..., 'path': ...}) or a PIL.Image.Image."
+    )
+
+
+def flatten_images(images) -> list:
+    """
+    The single images of `images`, in order: lists and tuples (nested to any depth) are flattened and 4-D
+    arrays/tensors split along their first (batch) axis. The processor and the image processor both read their
+    inputs through this.
+
+    Args:
+        images:
+            A `PIL.Image.Image`, a 2-D/3-D `numpy.ndarray` or `torch.Tensor`, a `str`/`os.PathLike` path, a 4-D
+            array/tensor (a batch), or a (nested) list/tuple of those.
+
+    Returns:
+        `list`: PIL images, 2-D/3-D arrays/tensors and paths (as `str`, not opened); empty for an empty input.
+
+    Raises:
+        `ValueError`: for another type or an array/tensor with other than 2, 3 or 4 dimensions.
+    """
+    if isinstance(images, (list, tuple)):
+        return [image for item in images for image in flatten_images(item)]
+    if isinstance(images, (str, os.PathLike)):
+        return [os.fspath(images)]
+    if isinstance(images, PIL.Image.Image):
+        return [images]
+    if isinstance(images, np.ndarray) or (is_torch_available() and isinstance(images, torch.Tensor)):
+        if images.ndim == 4:
+            return [images[index] for index in range(images.shape[0])]
+        if images.ndim in (2, 3):
+            return [images]
+        raise ValueError(
+            f"An image array must have 2 (H, W), 3 (H, W, C or C, H, W) or 4 (batch) dimensions, got "
+            f"{images.ndim} dimensions with shape {tuple(images.shape)}."
+        )
+    raise ValueError(
+        f"Unsupported image type {type(images).__name__}: pass a PIL.Image.Image, a numpy.ndarray, a torch.Tensor, "
+        "a path to an image file, or a list of those."
+    )
+
+
+def to_pixel_values(images) -> "torch.Tensor":
+    """
+    8-bit images -> `pixel_values` in [-1, 1] at their own size: `x / 127.5 - 1` per channel, the rescale and
+    normalization of [`DualTokenImageProcessor`] with its resize and crop switched off.
+
+    Args:
+        images:
+            One image or a list of images of one size, of any type the image processor accepts (typically RGB
+            `PIL.Image.Image`s, e.g. from [`open_image`]).
+
+    Returns:
+        `torch.Tensor`: float32, shape `(B, 3, H, W)`; [`to_pil_images`] gives the 8-bit images back exactly.
+    """
+    processor = DualTokenImageProcessor(do_resize=False, do_center_crop=False)
+    return processor(images, return_tensors="pt")["pixel_values"]
+
+
+def to_pil_images(pixel_values) -> list[PIL.Image.Image]:
+    """
+    `pixel_values` in [-1, 1] (e.g. decoded by the tokenizer) -> RGB PIL images: `(x + 1) * 127.5`, rounded and
+    clamped to 0..255, i.e. [`DualTokenImageProcessor.postprocess`] with the default normalization.
+
+    Args:
+        pixel_values (`torch.Tensor` or `np.ndarray`):
+            Shape `(B, 3, H, W)` or `(3, H, W)`, finite values; values outside [-1, 1] are clamped.
+
+    Returns:
+        `list[PIL.Image.Image]`: one `RGB` image per batch element.
+    """
+    return DualTokenImageProcessor().postprocess(pixel_values, return_tensors="PIL.Image.Image")
 
 
 def _to_numpy(image: Any) -> np.ndarray:
@@ -326,13 +448,24 @@ def _to_numpy(image: Any) -> np.ndarray:
 
 
 def _pil_to_rgb(image: PIL.Image.Image) -> np.ndarray:
-    """PIL image in any mode -> channels-first RGB array; transparent pixels are composited on white."""
-    if image.width == 0 or image.height == 0:
-        raise ValueError(f"Got a zero-size image ({image.width}x{image.height}); images need at least one pixel.")
+    """
+    PIL image in any mode -> channels-first RGB array: `uint8`, or `float32` on the 0..255 scale for 16-bit and float
+    modes (to keep their precision); transparent pixels are composited on white.
+    """
     if image.mode in _SIXTEEN_BIT_MODES:
         return _array_to_rgb(np.asarray(image, dtype=np.float64) / 65535.0, channels_first_if_ambiguous=False)
     if image.mode == "F":
         return _array_to_rgb(np.asarray(image), channels_first_if_ambiguous=False)
+    return np.asarray(_to_rgb_image(image)).transpose(2, 0, 1)
+
+
+def _to_rgb_image(image: PIL.Image.Image) -> PIL.Image.Image:
+    """PIL image in any mode -> 8-bit `RGB` PIL image, converted as `_pil_to_rgb` does (16-bit and float rounded)."""
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"Got a zero-size image ({image.width}x{image.height}); images need at least one pixel.")
+    if image.mode in _HIGH_BIT_DEPTH_MODES:
+        rgb = np.round(_pil_to_rgb(image)).astype(np.uint8)
+        return PIL.Image.fromarray(np.ascontiguousarray(rgb.transpose(1, 2, 0)))
     if image.mode == "La":  # premultiplied alpha: PIL converts it to nothing but "LA"
         image = image.convert("LA")
     try:
@@ -344,7 +477,7 @@ def _pil_to_rgb(image: PIL.Image.Image) -> np.ndarray:
             rgb = image.convert("RGB")
     except (ValueError, OSError) as error:
         raise ValueError(f"Cannot convert a PIL image of mode {image.mode!r} to RGB: {error}") from error
-    return np.asarray(rgb).transpose(2, 0, 1)
+    return rgb
 
 
 def _array_to_rgb(image: np.ndarray, channels_first_if_ambiguous: bool) -> np.ndarray:
@@ -413,4 +546,4 @@ def _float_to_rgb(image: np.ndarray) -> np.ndarray:
     return image
 
 
-__all__ = ["DualTokenImageProcessor"]
+__all__ = ["DualTokenImageProcessor", "flatten_images", "open_image", "to_pil_images", "to_pixel_values"]

@@ -13,21 +13,18 @@
 # limitations under the License.
 """Processor of the unified DualToken model: text tokenizer + image processor + chat template.
 
-Hub-facing module: it imports only transformers, numpy, torch, PIL and its sibling `image_processing_dualtoken`, so it
-can be copied (with that sibling) into a model folder and loaded with
+Hub-facing module: it imports only transformers, numpy, torch and its sibling `image_processing_dualtoken` (which
+imports `configuration_dualtoken`), so it can be copied (with those siblings) into a model folder and loaded with
 `AutoProcessor.from_pretrained(folder, trust_remote_code=True)`.
 """
 
-import os
-
 import numpy as np
-import PIL.Image
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import ImageInput
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.utils import auto_docstring, is_torch_available
 
-from .image_processing_dualtoken import DualTokenImageProcessor
+from .image_processing_dualtoken import DualTokenImageProcessor, flatten_images
 
 
 if is_torch_available():
@@ -195,7 +192,7 @@ class DualTokenProcessor(ProcessorMixin):
         text (`str` or `list[str]`, *optional*):
             One prompt or a batch of prompts.
         images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, `str`, or a list of those, *optional*):
-            One image or several: `PIL.Image.Image`, `numpy.ndarray`, `torch.Tensor`, a path or URL, a list of
+            One image or several: `PIL.Image.Image`, `numpy.ndarray`, `torch.Tensor`, a path, a list of
             those, a 4-D batch, or a list with one list of images per prompt. See [`DualTokenImageProcessor`].
 
         Returns:
@@ -385,37 +382,16 @@ class DualTokenProcessor(ProcessorMixin):
 
 def _flatten_images(images) -> tuple[list, list[int] | None]:
     """
-    Flatten `images` to a list of single images (4-D batches split, paths as `str`), and return the number of images
-    per prompt when they come as one list per prompt (else `None`).
+    `images` as a list of single images (see [`flatten_images`]), and the number of images per prompt when they come
+    as one list per prompt (else `None`).
     """
     if isinstance(images, (list, tuple)) and images and all(isinstance(item, (list, tuple)) for item in images):
-        per_prompt = [_flat_list(item) for item in images]
+        per_prompt = [flatten_images(item) for item in images]
         return [image for prompt_images in per_prompt for image in prompt_images], [len(p) for p in per_prompt]
-    flat = _flat_list(images)
+    flat = flatten_images(images)
     if not flat:
         raise ValueError("images is an empty list; pass at least one image, or images=None")
     return flat, None
-
-
-def _flat_list(images) -> list:
-    if isinstance(images, (list, tuple)):
-        return [image for item in images for image in _flat_list(item)]
-    if isinstance(images, os.PathLike):
-        return [os.fspath(images)]
-    if isinstance(images, (str, PIL.Image.Image)):
-        return [images]
-    if isinstance(images, np.ndarray) or (is_torch_available() and isinstance(images, torch.Tensor)):
-        if images.ndim == 4:
-            return [images[index] for index in range(images.shape[0])]
-        if images.ndim in (2, 3):
-            return [images]
-        raise ValueError(
-            f"An image array must have 2, 3 or 4 (batch) dimensions, got shape {tuple(images.shape)}"
-        )
-    raise ValueError(
-        f"Unsupported image type {type(images).__name__}: pass a PIL.Image.Image, a numpy.ndarray, a torch.Tensor, a "
-        "path or URL, or a list of those."
-    )
 
 
 def _as_batch_of_sequences(token_ids) -> list[list[int]]:

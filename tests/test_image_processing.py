@@ -9,7 +9,9 @@ import torch
 from skimage import data as skimage_data
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
+import dualtoken_hf.configuration_dualtoken as configuration_module
 import dualtoken_hf.image_processing_dualtoken as image_processing_module
+from dualtoken_hf.configuration_dualtoken import DualTokenConfig, DualTokenVisionConfig
 from dualtoken_hf.image_processing_dualtoken import DualTokenImageProcessor
 
 
@@ -367,20 +369,24 @@ def test_save_pretrained_from_pretrained_round_trips_the_config(tmp_path):
     assert reloaded.crop_size.height == TINY and reloaded.resample == PIL.Image.BILINEAR
 
 
-def test_module_imports_only_hub_safe_libraries():
+def test_module_imports_only_hub_safe_libraries_and_its_configuration_sibling():
     source = Path(image_processing_module.__file__).read_text()
     imported = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            assert (node.level, node.module) == (1, "configuration_dualtoken"), f"relative import of {node.module!r}"
         elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, f"relative import of {node.module!r}"
             imported.add(node.module.split(".")[0])
-    assert imported <= {"os", "typing", "numpy", "PIL", "torch", "transformers"}, imported
+    assert imported <= {"io", "os", "typing", "numpy", "PIL", "torch", "transformers"}, imported
 
 
-def test_module_copied_alone_loads_as_remote_code_and_processes_identically(processor, rgb_array, tmp_path):
+def test_module_copied_with_its_configuration_loads_as_remote_code_and_processes_identically(
+    processor, rgb_array, tmp_path
+):
     shutil.copy(image_processing_module.__file__, tmp_path / "image_processing_dualtoken.py")
+    shutil.copy(configuration_module.__file__, tmp_path / "configuration_dualtoken.py")
     processor.save_pretrained(tmp_path)
     # What AutoImageProcessor does with an `auto_map` entry and trust_remote_code=True.
     remote_class = get_class_from_dynamic_module("image_processing_dualtoken.DualTokenImageProcessor", tmp_path)
@@ -388,13 +394,35 @@ def test_module_copied_alone_loads_as_remote_code_and_processes_identically(proc
     remote = remote_class.from_pretrained(tmp_path)
     assert remote.to_dict() == processor.to_dict()
     np.testing.assert_array_equal(_pixels(remote, rgb_array), _pixels(processor, rgb_array))
+    # The remote class takes the package's config: configs are recognised by model type, not by class.
+    from_config = remote_class.from_vision_config(DualTokenVisionConfig.from_preset("tiny"))
+    assert (from_config.size, from_config.crop_size) == (processor.size, processor.crop_size)
 
 
 @pytest.mark.parametrize(("name", "image_size"), [("paper", 384), ("v2", 384), ("tiny", 64)])
-def test_preset_sets_shortest_edge_and_square_crop(name, image_size):
-    processor = DualTokenImageProcessor.from_preset(name)
+def test_from_vision_config_resizes_and_crops_to_the_siglip_image_size(name, image_size):
+    config = DualTokenVisionConfig.from_preset(name)
+    assert config.siglip_config.image_size == image_size
+    processor = DualTokenImageProcessor.from_vision_config(config)
     assert processor.size.shortest_edge == image_size
     assert (processor.crop_size.height, processor.crop_size.width) == (image_size, image_size)
+    assert DualTokenImageProcessor.from_preset(name).to_dict() == processor.to_dict()
+
+
+def test_from_vision_config_follows_a_changed_image_size():
+    config = DualTokenVisionConfig.from_preset("tiny", siglip_config={"image_size": 96})
+    processor = DualTokenImageProcessor.from_vision_config(config)
+    assert (processor.size.shortest_edge, processor.crop_size.height, processor.crop_size.width) == (96, 96, 96)
+
+
+def test_from_vision_config_reads_the_vision_config_of_a_unified_config():
+    config = DualTokenConfig(vision_config=DualTokenVisionConfig.from_preset("tiny"))
+    assert DualTokenImageProcessor.from_vision_config(config).crop_size.height == TINY
+
+
+def test_from_vision_config_refuses_another_config():
+    with pytest.raises(ValueError, match="SiglipVisionConfig"):
+        DualTokenImageProcessor.from_vision_config(DualTokenVisionConfig.from_preset("tiny").siglip_config)
 
 
 def test_preset_keyword_overrides_win(processor):

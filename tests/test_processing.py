@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
+import dualtoken_hf.configuration_dualtoken as configuration_module
 import dualtoken_hf.image_processing_dualtoken as image_processing_module
 import dualtoken_hf.processing_dualtoken as processing_module
 from dualtoken_hf.image_processing_dualtoken import DualTokenImageProcessor
@@ -406,6 +407,7 @@ def test_module_imports_only_hub_safe_libraries_and_its_sibling():
 def test_module_copied_with_its_sibling_loads_as_remote_code(processor, red_image, tmp_path):
     shutil.copy(processing_module.__file__, tmp_path / "processing_dualtoken.py")
     shutil.copy(image_processing_module.__file__, tmp_path / "image_processing_dualtoken.py")
+    shutil.copy(configuration_module.__file__, tmp_path / "configuration_dualtoken.py")
     processor.save_pretrained(tmp_path)
     # What AutoProcessor does with an `auto_map` entry and trust_remote_code=True.
     remote_class = get_class_from_dynamic_module("processing_dualtoken.DualTokenProcessor", tmp_path)

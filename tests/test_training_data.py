@@ -79,6 +79,16 @@ def test_unreadable_and_truncated_images_are_skipped_and_counted(tmp_path, caplo
     assert "b_garbage.jpg" in caplog.text and "c_truncated.jpg" in caplog.text
 
 
+def test_transparent_training_image_is_composited_on_white_like_the_processor(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    PIL.Image.new("RGBA", (40, 30), (0, 0, 0, 0)).save(folder / "clear.png")
+    raw = undecoded(load_image_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache")), "image")
+    example = ImageTrainDataset(raw, "image", TrainTransform(16), seed=0)[0]
+    assert example["skipped_images"] == 0
+    assert torch.equal(example["pixel_values"], torch.ones(3, 16, 16))  # white, not the black of a bare RGB convert
+
+
 def test_dataset_draws_depend_on_epoch(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()

@@ -1,12 +1,20 @@
-"""Evaluation images from a folder, read with PIL: `root/<class>/<image>` gives labelled images (classes sorted, as
-`datasets`' imagefolder does), images directly under `root` are unlabelled (-1). Unreadable files are skipped and
-counted."""
+"""Evaluation images from a folder: `root/<class>/<image>` gives labelled images (classes sorted, as `datasets`'
+imagefolder does), images directly under `root` are unlabelled (-1). Images are read with the package's one opener
+(`open_image`); unreadable files are skipped and counted.
+
+`datasets.load_dataset("imagefolder", ...)` is not used because its labels differ: it labels an image by its
+immediate parent folder (so `root/<class>/<subfolder>/x.jpg` gets the label `<subfolder>`), puts images directly
+under `root` in a class named after `root` instead of leaving them unlabelled, and reads sub-folders named `train`,
+`test` or `validation` as splits rather than classes.
+"""
 
 from collections.abc import Iterator
 from pathlib import Path
 
 import PIL.Image
 import torch
+
+from ..image_processing_dualtoken import open_image
 
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
@@ -38,10 +46,8 @@ class ImageFolder:
 
     def _open(self, path: Path) -> PIL.Image.Image | None:
         try:
-            with PIL.Image.open(path) as image:
-                image.load()
-                return image.copy()
-        except (OSError, ValueError, PIL.Image.DecompressionBombError):
+            return open_image(path)
+        except ValueError:
             self.unreadable.append(str(path))
             return None
 

@@ -1,15 +1,15 @@
 """Training images for the tokenizer: loading, the official random crop, and skipping unreadable files.
 
 Three sources, all through `datasets`: an image folder (`imagefolder`), a dataset from the Hub or a local script, and
-webdataset-style tar shards (streamed, for CC12M scale). Images are decoded here rather than by `datasets`, so an
-unreadable or truncated file is skipped, logged and counted (each example carries `skipped_images`, the number of
-files skipped to produce it) instead of ending the run. Augmentation uses NumPy/PIL only: a bicubic
-RandomResizedCrop (scale 0.9-1, ratio 3/4-4/3, as the official recipe) and a horizontal flip, then the model's
-normalisation (mean = std = 0.5, so pixel values lie in [-1, 1]). Random draws depend only on the seed, the epoch
-and the example's position, so an epoch can be resumed anywhere by skipping batches.
+webdataset-style tar shards (streamed, for CC12M scale). Images are decoded here, with the package's one opener
+(`open_image`), rather than by `datasets`, so an unreadable or truncated file is skipped, logged and counted (each
+example carries `skipped_images`, the number of files skipped to produce it) instead of ending the run. Augmentation
+uses NumPy/PIL only: a bicubic RandomResizedCrop (scale 0.9-1, ratio 3/4-4/3, as the official recipe) and a
+horizontal flip, then the processor's normalisation (`to_pixel_values`: pixel values in [-1, 1]). Random draws
+depend only on the seed, the epoch and the example's position, so an epoch can be resumed anywhere by skipping
+batches.
 """
 
-import io
 import itertools
 import logging
 import math
@@ -18,8 +18,9 @@ import re
 import datasets
 import numpy as np
 import PIL.Image
-import PIL.ImageOps
 import torch
+
+from ..image_processing_dualtoken import open_image, to_pixel_values
 
 
 logger = logging.getLogger(__name__)
@@ -60,12 +61,6 @@ def random_resized_crop_box(
     return left, top, left + crop_width, top + crop_height
 
 
-def normalize_image(image: PIL.Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float32 `(3, H, W)` in [-1, 1] (mean = std = 0.5, the processor's normalisation)."""
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    return torch.from_numpy((array - 0.5) / 0.5).permute(2, 0, 1).contiguous()
-
-
 class TrainTransform:
     """Random resized crop to `resolution` (bicubic), optional horizontal flip, normalisation to [-1, 1]."""
 
@@ -86,33 +81,16 @@ class TrainTransform:
         image = image.resize((self.resolution, self.resolution), PIL.Image.Resampling.BICUBIC, box=box)
         if self.random_flip and rng.random() < 0.5:
             image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
-        return normalize_image(image)
-
-
-def decode_image(value) -> PIL.Image.Image:
-    """An RGB PIL image from what `datasets` holds for an undecoded image (`{"bytes", "path"}`), a path, bytes or a
-    PIL image. The whole file is decoded here, so truncated files fail now rather than later."""
-    if isinstance(value, PIL.Image.Image):
-        image = value
-    else:
-        if isinstance(value, dict):
-            value = value.get("bytes") or value.get("path")
-        image = PIL.Image.open(io.BytesIO(value) if isinstance(value, bytes) else value)
-        image.load()
-    return PIL.ImageOps.exif_transpose(image).convert("RGB")
-
-
-def _describe(value) -> str:
-    if isinstance(value, dict) and value.get("path"):
-        return value["path"]
-    return value if isinstance(value, str) else f"<{type(value).__name__}>"
+        return to_pixel_values(image)[0]
 
 
 def _try_decode(value) -> PIL.Image.Image | None:
+    """`open_image(value)` (an undecoded `datasets` value, a path, bytes or a PIL image), or `None` after logging
+    why it is unreadable."""
     try:
-        return decode_image(value)
-    except Exception as error:  # noqa: BLE001 -- any decoder failure means "unreadable": skip, never crash
-        logger.warning("skipping unreadable image %s: %s: %s", _describe(value), type(error).__name__, error)
+        return open_image(value)
+    except ValueError as error:
+        logger.warning("skipping unreadable image: %s", error)
         return None
 
 

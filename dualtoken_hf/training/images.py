@@ -1,15 +1,11 @@
-"""Image tensors <-> PIL, and side-by-side grids (PNG) of originals and reconstructions, with NumPy/PIL only."""
+"""Side-by-side grids (PNG) of originals and reconstructions, with PIL only."""
 
 from pathlib import Path
 
 import PIL.Image
 import torch
 
-
-def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
-    """`(B, 3, H, W)` tensors in [-1, 1] (clamped here) -> RGB PIL images, as the official saver: (y + 1) * 127.5."""
-    arrays = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return [PIL.Image.fromarray(array.permute(1, 2, 0).cpu().numpy()) for array in arrays]
+from ..image_processing_dualtoken import to_pil_images
 
 
 def image_grid(rows: list[list[PIL.Image.Image]], scale: int = 1, padding: int = 2) -> PIL.Image.Image:
@@ -28,7 +24,7 @@ def image_grid(rows: list[list[PIL.Image.Image]], scale: int = 1, padding: int =
 def save_reconstruction_grid(columns: list[torch.Tensor], path: str | Path, scale: int = 1) -> Path:
     """Save a PNG with one row per image and one column per tensor of `columns` (e.g. original | reconstruction);
     every tensor is `(B, 3, H, W)` in [-1, 1]."""
-    pil_columns = [to_pil(images) for images in columns]
+    pil_columns = [to_pil_images(images) for images in columns]
     rows = [list(row) for row in zip(*pil_columns)]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
