@@ -25,7 +25,8 @@ from accelerate.utils import set_seed
 from skimage import data
 
 from dualtoken_hf import DualTokenImageProcessor, DualTokenVisionModel
-from dualtoken_hf.training import psnr, save_reconstruction_grid, ssim
+from dualtoken_hf.evaluation import psnr, ssim
+from dualtoken_hf.training import save_reconstruction_grid
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

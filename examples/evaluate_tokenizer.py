@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from dualtoken_hf import DualTokenImageProcessor, DualTokenVisionModel
 from dualtoken_hf.evaluation import (
+    PERCEPTUAL_LOSS_HELP,
     ImageFolder,
     TokenizerEvaluator,
     class_text_embeddings,
@@ -56,7 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--fid_feature_extractor", default=None, help="'package.module:factory' for a non-standard rFID extractor"
     )
-    parser.add_argument("--perceptual_network", default=None, help="'package.module:factory' replacing LPIPS")
+    parser.add_argument(
+        "--perceptual_network",
+        default=None,
+        help=f"LPIPS' network: {PERCEPTUAL_LOSS_HELP}. Default: lpips, skipped with a note where the package cannot be "
+        "used; anything else is reported as non-standard",
+    )
     parser.add_argument("--lpips_net", default="alex", choices=["alex", "vgg", "squeeze"])
     args = parser.parse_args(argv)
     if args.batch_size < 1:

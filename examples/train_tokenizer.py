@@ -40,8 +40,10 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from dualtoken_hf import DualTokenImageProcessor, DualTokenVisionConfig, DualTokenVisionModel
+from dualtoken_hf.configuration_dualtoken import PRESETS
+from dualtoken_hf.evaluation import PERCEPTUAL_LOSS_HELP, build_perceptual_loss, psnr, ssim
+from dualtoken_hf.hub import CardDetails, save_tokenizer_folder
 from dualtoken_hf.training import (
-    PERCEPTUAL_LOSS_HELP,
     RECIPES,
     HubUploader,
     ImageTrainDataset,
@@ -51,7 +53,6 @@ from dualtoken_hf.training import (
     TrainingState,
     TrainTransform,
     average_gradients,
-    build_perceptual_loss,
     collate_images,
     discriminator_losses,
     first_readable_images,
@@ -59,16 +60,13 @@ from dualtoken_hf.training import (
     load_image_dataset,
     out_of_sync,
     prune_checkpoints,
-    psnr,
     resolve_checkpoint,
     resolve_image_column,
     save_reconstruction_grid,
-    ssim,
     tokenizer_losses,
     undecoded,
     without_global_rng,
 )
-from dualtoken_hf.model_cards import write_tokenizer_card
 from dualtoken_hf.training.hub import OUTPUT_DIR_IGNORE_PATTERNS
 
 
@@ -106,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 
     model = parser.add_argument_group("model")
-    model.add_argument("--preset", choices=["paper", "v2", "tiny"], default="paper",
+    model.add_argument("--preset", choices=sorted(PRESETS), default="paper",
                        help="Tokenizer layout when not starting from --pretrained_model_name_or_path.")
     model.add_argument("--pretrained_model_name_or_path", help="A DualToken tokenizer (folder or Hub id) to continue.")
     model.add_argument("--siglip_model_name_or_path",
@@ -228,7 +226,7 @@ def codebook_logs(model: DualTokenVisionModel, codes: dict[str, torch.Tensor]) -
     """Usage (fraction of codes used), perplexity and dead codes per branch, averaged over depths."""
     logs = {}
     for branch, branch_codes in codes.items():
-        statistics = getattr(model, f"{branch}_quantizer").codebook_statistics(branch_codes)
+        statistics = model.quantizer(branch).codebook_statistics(branch_codes)
         for name, values in statistics.items():
             logs[f"codebook/{branch}_{name}"] = values.float().mean().item()
     return logs
@@ -237,7 +235,7 @@ def codebook_logs(model: DualTokenVisionModel, codes: dict[str, torch.Tensor]) -
 def replicated_state(model: DualTokenVisionModel, discriminator: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Everything that must stay identical on all processes without DDP doing it: codebooks and discriminator."""
     state = {f"{branch}_quantizer.{name}": buffer for branch in ("pixel", "semantic")
-             for name, buffer in getattr(model, f"{branch}_quantizer").named_buffers()}
+             for name, buffer in model.quantizer(branch).named_buffers()}
     state.update({f"discriminator.{name}": value for name, value in discriminator.named_parameters()})
     return state
 
@@ -311,17 +309,14 @@ def save_final_model(accelerator, args, model, processor, training_facts: dict, 
     state_dict = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         return
-    tokenizer.save_pretrained(args.output_dir, state_dict=state_dict)
-    processor.save_pretrained(args.output_dir)
-    write_tokenizer_card(
-        args.output_dir,
-        tokenizer.config,
+    card = CardDetails(
         origin="Trained with `examples/train_tokenizer.py` of `dualtoken_hf`.",
         facts=training_facts,
         repo_id=args.hub_model_id,
         base_model=args.siglip_model_name_or_path or args.pretrained_model_name_or_path,
         dataset=args.dataset_name,
     )
+    save_tokenizer_folder(tokenizer, args.output_dir, processor, card=card, state_dict=state_dict)
     if uploader is not None:
         uploader.upload(args.output_dir, commit_message="End of training", ignore_patterns=OUTPUT_DIR_IGNORE_PATTERNS)
         uploader.wait()
@@ -374,8 +369,7 @@ def main(args: argparse.Namespace) -> dict:
                                                 lr=args.discriminator_learning_rate or recipe["learning_rate"])
 
     resolution = model.config.image_size
-    processor = DualTokenImageProcessor(size={"shortest_edge": resolution},
-                                        crop_size={"height": resolution, "width": resolution})
+    processor = DualTokenImageProcessor.from_vision_config(model.config)
     with accelerator.main_process_first():
         train_dataset, raw_train, image_column = build_train_data(args, resolution)
     train_dataloader = torch.utils.data.DataLoader(

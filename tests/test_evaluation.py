@@ -3,12 +3,15 @@ import math
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from skimage import data
+from torch import nn
 from PIL import Image
 from skimage.metrics import structural_similarity
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -25,7 +28,7 @@ from dualtoken_hf.evaluation import (
     zero_shot_correct,
 )
 from dualtoken_hf.evaluation.fid import resolve_fid_network
-from dualtoken_hf.evaluation.perceptual import resolve_perceptual_network
+from dualtoken_hf.evaluation.perceptual import build_perceptual_loss, resolve_perceptual_network
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,16 +134,103 @@ def mean_color_features():
     return lambda images: torch.cat([images.mean(dim=(2, 3)), images.std(dim=(2, 3))], dim=1)
 
 
-def l1_distance():
-    """A pluggable perceptual network for the tests: per-image mean absolute difference."""
-    return lambda images, references: (images - references).abs().mean(dim=(1, 2, 3))
+def pixel_features():
+    """A pluggable perceptual network for the tests: the pixels themselves are the one feature map."""
+    return nn.Identity()
+
+
+def unit_channels(feature_map: torch.Tensor) -> torch.Tensor:
+    return feature_map / (feature_map.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
 
 
 def test_pluggable_networks_are_labelled_non_standard():
     fid = resolve_fid_network(f"{__name__}:mean_color_features")
-    perceptual = resolve_perceptual_network(f"{__name__}:l1_distance")
+    perceptual = resolve_perceptual_network(f"{__name__}:pixel_features")
     assert not fid.standard and "non-standard" in fid.note
     assert not perceptual.standard and "non-standard" in perceptual.note
+    images, references = torch.rand(3, 3, 8, 8) * 2 - 1, torch.rand(3, 3, 8, 8) * 2 - 1
+    expected = (unit_channels(images) - unit_channels(references)).pow(2).sum(1).mean(dim=(1, 2))
+    torch.testing.assert_close(perceptual.network(images, references), expected)
+
+
+# Perceptual networks: one loader for the LPIPS metric and the training loss
+
+
+def test_perceptual_network_none_gives_no_network():
+    assert build_perceptual_loss("none") is None
+    skipped = resolve_perceptual_network("none")
+    assert skipped.network is None and "'none'" in skipped.note
+
+
+def test_lpips_without_its_package_fails_training_and_is_skipped_by_evaluation(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lpips", None)  # makes `import lpips` fail, as where it is not installed
+    with pytest.raises(ImportError, match="'lpips' needs the `lpips` package"):
+        build_perceptual_loss("lpips")
+    skipped = resolve_perceptual_network()
+    assert skipped.network is None and skipped.note.startswith("LPIPS skipped: the lpips package could not be used")
+
+
+class FakeLPIPS(nn.Module):
+    """Stands in for `lpips.LPIPS`: remembers its backbone and, like it, returns distances of shape (B, 1, 1, 1)."""
+
+    def __init__(self, net: str, verbose: bool):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images, references):
+        return (images - references).abs().mean(dim=(1, 2, 3), keepdim=True)
+
+
+def test_lpips_gives_one_distance_per_image_with_the_asked_backbone(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lpips", SimpleNamespace(LPIPS=FakeLPIPS))
+    images, references = torch.zeros(2, 3, 4, 4), torch.stack([torch.zeros(3, 4, 4), torch.ones(3, 4, 4)])
+    evaluation = resolve_perceptual_network()
+    assert evaluation.standard and evaluation.name == "lpips (alex)" and evaluation.network.lpips.net == "alex"
+    assert evaluation.network(images, references).tolist() == [0.0, 1.0]
+    assert build_perceptual_loss("lpips").lpips.net == "vgg"  # the training loss, as in the official recipe
+
+
+def test_perceptual_network_from_a_factory_gives_lpips_style_distances_per_image(tmp_path, monkeypatch):
+    (tmp_path / "tiny_features.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        class TwoMaps(nn.Module):
+            def __init__(self):
+                super().__init__()
+                torch.manual_seed(0)
+                self.first = nn.Conv2d(3, 4, 3, padding=1)
+                self.second = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+                self.dropout = nn.Dropout(0.5)
+
+            def forward(self, images):
+                first = self.first(images)
+                return [first, self.dropout(self.second(first))]
+
+        def build():
+            return TwoMaps()
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    loss = build_perceptual_loss("tiny_features:build")
+    images, references = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    assert loss(images, images).tolist() == [0.0, 0.0]
+    assert not any(parameter.requires_grad for parameter in loss.parameters())
+    assert not loss.feature_extractor.training  # eval mode: the dropout is off, the distance deterministic
+
+    maps = zip(loss.feature_extractor(images), loss.feature_extractor(references))
+    expected = sum((unit_channels(a) - unit_channels(b)).pow(2).sum(1).mean(dim=(1, 2)) for a, b in maps)
+    torch.testing.assert_close(loss(images, references), expected)
+
+
+@pytest.mark.parametrize("name", ["vgg", "module_without_factory:", ":factory"])
+def test_perceptual_network_rejects_unknown_names(name):
+    with pytest.raises(ValueError, match="'lpips', 'none' or 'package.module:factory'"):
+        build_perceptual_loss(name)
+
+
+def test_perceptual_factory_must_build_a_module():
+    with pytest.raises(ValueError, match="must return an nn.Module"):
+        build_perceptual_loss(f"{__name__}:mean_color_features")
 
 
 # Codebooks

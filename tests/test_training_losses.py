@@ -1,20 +1,19 @@
-"""Training losses (eq. 1-4), the PatchGAN discriminator, perceptual-loss plugging and the recipes."""
+"""Training losses (eq. 1-4), the PatchGAN discriminator and the recipes (the perceptual networks are tested with
+the evaluation, which owns them)."""
 
 import copy
 import dataclasses
-import textwrap
 
 import pytest
 import torch
 from torch import nn
 
 from dualtoken_hf import DualTokenVisionConfig, DualTokenVisionModel
+from dualtoken_hf.evaluation import FeaturePerceptualLoss
 from dualtoken_hf.training import (
     RECIPES,
-    FeaturePerceptualLoss,
     PatchGANDiscriminator,
     adaptive_generator_weight,
-    build_perceptual_loss,
     discriminator_losses,
     frozen,
     get_recipe,
@@ -122,6 +121,9 @@ def test_total_loss_is_the_weighted_sum_of_eq_2():
         (5.0 * terms["semantic_features"] + 1.0 * terms["semantic_pooled"]).item(), rel=1e-6
     )
     assert terms["perceptual"].item() > 0
+    with torch.no_grad():
+        per_image = perceptual(outputs.reconstruction, pixel_values)
+    assert terms["perceptual"].item() == pytest.approx(per_image.mean().item(), rel=1e-6)
     assert 0.3 <= terms["adaptive_weight"].item() <= 10.0
 
 
@@ -165,59 +167,6 @@ def test_frozen_restores_requires_grad():
     with frozen(module):
         assert not any(parameter.requires_grad for parameter in module.parameters())
     assert [parameter.requires_grad for parameter in module.parameters()] == [True, True, False, True]
-
-
-def test_perceptual_loss_none_gives_no_module():
-    assert build_perceptual_loss("none") is None
-
-
-def test_perceptual_loss_lpips_missing_raises_a_clear_error(monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "lpips", None)  # makes `import lpips` fail, as where it is not installed
-    with pytest.raises(ImportError, match="--perceptual_loss lpips needs the `lpips` package"):
-        build_perceptual_loss("lpips")
-
-
-def test_perceptual_loss_from_a_factory_is_lpips_style(tmp_path, monkeypatch):
-    (tmp_path / "tiny_features.py").write_text(textwrap.dedent("""
-        import torch
-        from torch import nn
-
-        class TwoMaps(nn.Module):
-            def __init__(self):
-                super().__init__()
-                torch.manual_seed(0)
-                self.first = nn.Conv2d(3, 4, 3, padding=1)
-                self.second = nn.Conv2d(4, 6, 3, stride=2, padding=1)
-                self.dropout = nn.Dropout(0.5)
-
-            def forward(self, images):
-                first = self.first(images)
-                return [first, self.dropout(self.second(first))]
-
-        def build():
-            return TwoMaps()
-    """))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    loss = build_perceptual_loss("tiny_features:build")
-    images, references = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
-    assert loss(images, images).item() == 0.0
-    assert not any(parameter.requires_grad for parameter in loss.parameters())
-    assert not loss.feature_extractor.training  # eval mode: the dropout is off, the distance deterministic
-
-    def unit(feature_map):
-        return feature_map / (feature_map.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-
-    maps = zip(loss.feature_extractor(images), loss.feature_extractor(references))
-    expected = sum((unit(a) - unit(b)).pow(2).sum(1).mean() for a, b in maps)
-    assert loss(images, references).item() == pytest.approx(expected.item(), rel=1e-6)
-
-
-@pytest.mark.parametrize("name", ["vgg", "module_without_factory:", ":factory"])
-def test_perceptual_loss_rejects_unknown_names(name):
-    with pytest.raises(ValueError, match="lpips"):
-        build_perceptual_loss(name)
 
 
 def test_recipes_hold_the_official_weights():

@@ -1,14 +1,22 @@
 """Evaluation of DualToken tokenizers: reconstruction (PSNR, SSIM, LPIPS, rFID), codebook usage, semantic fidelity
-to a frozen teacher and zero-shot classification by text. Not needed by Hub folders, so never imported by the
-Hub-facing modules."""
+to a frozen teacher and zero-shot classification by text. The metrics and perceptual networks are also the ones
+training logs and optimises (`dualtoken_hf.training` imports them from here). Not needed by Hub folders, so never
+imported by the Hub-facing modules."""
 
 from .codebooks import CodeHistogram
 from .data import ImageFolder
 from .fid import FeatureStatistics, frechet_distance, resolve_fid_network
-from .perceptual import resolve_perceptual_network
+from .metrics import psnr, ssim
+from .perceptual import (
+    PERCEPTUAL_LOSS_HELP,
+    FeaturePerceptualLoss,
+    LPIPSPerceptualLoss,
+    build_perceptual_loss,
+    resolve_perceptual_network,
+)
 from .plugins import MetricNetwork, load_factory
 from .semantic import TeacherOutput, load_teacher, semantic_fidelity, teacher_outputs
-from .tokenizer import TokenizerEvaluator, report_to_markdown, to_unit_range
+from .tokenizer import TokenizerEvaluator, report_to_markdown
 from .zero_shot import (
     class_text_embeddings,
     load_class_names,
@@ -20,12 +28,16 @@ from .zero_shot import (
 
 
 __all__ = [
+    "PERCEPTUAL_LOSS_HELP",
     "CodeHistogram",
+    "FeaturePerceptualLoss",
     "FeatureStatistics",
     "ImageFolder",
+    "LPIPSPerceptualLoss",
     "MetricNetwork",
     "TeacherOutput",
     "TokenizerEvaluator",
+    "build_perceptual_loss",
     "class_text_embeddings",
     "frechet_distance",
     "load_class_names",
@@ -33,12 +45,13 @@ __all__ = [
     "load_teacher",
     "load_templates",
     "load_text_tower",
+    "psnr",
     "report_to_markdown",
     "resolve_fid_network",
     "resolve_perceptual_network",
     "semantic_fidelity",
+    "ssim",
     "teacher_outputs",
-    "to_unit_range",
     "zero_shot_correct",
     "zero_shot_logits",
 ]

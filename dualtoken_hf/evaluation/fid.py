@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .plugins import MetricNetwork, network_from_factory
+from .plugins import MetricNetwork, load_factory, user_supplied
 
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
@@ -113,7 +113,7 @@ def resolve_fid_network(feature_extractor: str | None = None, inception_path: st
     3. Nothing: rFID is skipped and the note says how to enable it.
     """
     if feature_extractor:
-        return network_from_factory(feature_extractor, "rFID")
+        return user_supplied(load_factory(feature_extractor)(), feature_extractor, "rFID")
     path = Path(inception_path) if inception_path else default_inception_path()
     if path.is_file():
         return MetricNetwork(InceptionTorchScript(path), f"{INCEPTION_FILENAME} (TorchScript)", standard=True)

@@ -1,4 +1,5 @@
-"""Pluggable metric networks: `"package.module:factory"` specs and how a report describes the network used."""
+"""Pluggable networks: `"package.module:factory"` specs (the one parser of them, for metrics and training losses) and
+how a report describes the network used."""
 
 import importlib
 from collections.abc import Callable
@@ -39,10 +40,10 @@ def load_factory(spec: str) -> Callable:
     return target
 
 
-def network_from_factory(spec: str, metric: str) -> MetricNetwork:
-    """Build a user-supplied network with `factory()`, labelled non-standard in the report."""
+def user_supplied(network: Callable, spec: str, metric: str) -> MetricNetwork:
+    """A network built from the user's `spec`, labelled non-standard in the report."""
     return MetricNetwork(
-        network=load_factory(spec)(),
+        network=network,
         name=spec,
         standard=False,
         note=f"non-standard {metric}: computed with the user-supplied network {spec}, not comparable to published"

@@ -1,18 +1,20 @@
 """Evaluate a DualToken tokenizer: reconstruction (PSNR, SSIM, LPIPS, rFID), codebook usage per depth for both
 branches, semantic fidelity to a frozen teacher and zero-shot top-1 by text (paper Tables 1 and 3).
 
-Everything is computed in memory on float images: the inputs and the clamped reconstructions in [0, 1], with no
-8-bit or JPEG round trip.
+Everything is computed in memory on float images (the inputs and the reconstructions clamped to [-1, 1]), with no
+8-bit or JPEG round trip. PSNR is the same in the model's [-1, 1] space with `data_range=2.0`; SSIM is computed on
+[0, 1] images, as published numbers are (its luminance term is not shift-invariant).
 """
 
 import math
 
 import torch
 
-from ..modeling_dualtoken_vision import BRANCHES, DualTokenVisionModel
-from ..training.metrics import psnr, ssim
+from ..configuration_dualtoken import BRANCHES
+from ..modeling_dualtoken_vision import DualTokenVisionModel
 from .codebooks import CodeHistogram
 from .fid import FeatureStatistics, frechet_distance
+from .metrics import psnr, ssim
 from .plugins import MetricNetwork
 from .semantic import semantic_fidelity, teacher_outputs
 from .zero_shot import zero_shot_correct
@@ -32,11 +34,6 @@ SCALAR_METRICS = (
     "semantic_pooled_cosine",
     "semantic_pooled_mse",
 )
-
-
-def to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """Normalized images in [-1, 1] (the processor's space) -> [0, 1], clamped as `postprocess` does."""
-    return ((images.float() + 1) / 2).clamp(0, 1)
 
 
 class TokenizerEvaluator:
@@ -70,7 +67,7 @@ class TokenizerEvaluator:
         self.num_images = 0
         self.input_statistics = FeatureStatistics()
         self.reconstruction_statistics = FeatureStatistics()
-        self.histograms = {branch: CodeHistogram(getattr(model, f"{branch}_quantizer")) for branch in BRANCHES}
+        self.histograms = {branch: CodeHistogram(model.quantizer(branch)) for branch in BRANCHES}
 
     def _record(self, name: str, values: torch.Tensor):
         self.per_image.setdefault(name, []).append(values.detach().float().reshape(-1).cpu())
@@ -86,7 +83,7 @@ class TokenizerEvaluator:
         self.num_images += pixel_values.shape[0]
         self._update_reconstruction(pixel_values, reconstruction)
         for branch in BRANCHES:
-            self.histograms[branch].update(getattr(encoded, f"{branch}_codes"))
+            self.histograms[branch].update(encoded.branch_codes(branch))
         teacher = None
         if self.teacher is not None:
             semantic_layer = self.model.config.semantic_layer
@@ -97,14 +94,15 @@ class TokenizerEvaluator:
             self._update_zero_shot(encoded.pooler_output, teacher, labels.to(device))
 
     def _update_reconstruction(self, pixel_values: torch.Tensor, reconstruction: torch.Tensor):
-        images, reconstructed = to_unit_range(pixel_values), to_unit_range(reconstruction)
-        self._record("psnr", psnr(reconstructed, images, data_range=1.0))
-        self._record("ssim", ssim(reconstructed, images, data_range=1.0))
+        images, reconstructed = pixel_values.float().clamp(-1, 1), reconstruction.float().clamp(-1, 1)
+        self._record("psnr", psnr(reconstructed, images, data_range=2.0))
+        self._record("ssim", ssim((reconstructed + 1) / 2, (images + 1) / 2, data_range=1.0))
         if self.perceptual_network is not None and self.perceptual_network.network is not None:
-            self._record("lpips", self.perceptual_network.network(reconstructed * 2 - 1, images * 2 - 1))
+            self._record("lpips", self.perceptual_network.network(reconstructed, images))
         if self.fid_network is not None and self.fid_network.network is not None:
-            self.input_statistics.update(self.fid_network.network(images))
-            self.reconstruction_statistics.update(self.fid_network.network(reconstructed))
+            # The FID network reads images in [0, 1].
+            self.input_statistics.update(self.fid_network.network((images + 1) / 2))
+            self.reconstruction_statistics.update(self.fid_network.network((reconstructed + 1) / 2))
 
     def _update_zero_shot(self, pooler_output: torch.Tensor, teacher, labels: torch.Tensor):
         labelled = labels >= 0

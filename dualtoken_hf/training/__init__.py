@@ -1,7 +1,19 @@
-"""Training utilities for the DualToken tokenizer: losses (eq. 1-4), recipes, data, metrics, checkpoints, Hub upload.
+"""Training utilities for the DualToken tokenizer: losses (eq. 1-4), recipes, data, checkpoints, Hub upload. The
+metrics and perceptual networks are shared with evaluation and live in `dualtoken_hf.evaluation`.
 
-Not part of a Hub folder: the Hub-facing modules of `dualtoken_hf` never import this subpackage.
+Needs the `[train]` extra (Accelerate, datasets). Not part of a Hub folder: the Hub-facing modules of `dualtoken_hf`
+never import this subpackage.
 """
+
+from importlib.util import find_spec
+
+
+_missing = [name for name in ("accelerate", "datasets") if find_spec(name) is None]
+if _missing:
+    raise ImportError(
+        f"dualtoken_hf.training needs {' and '.join(_missing)}, which a base install lacks: "
+        "pip install 'dualtoken-hf[train]'"
+    )
 
 from .checkpointing import TrainingState, list_checkpoints, prune_checkpoints, resolve_checkpoint
 from .data import (
@@ -9,7 +21,6 @@ from .data import (
     StreamingImageTrainDataset,
     TrainTransform,
     collate_images,
-    decode_image,
     first_readable_images,
     load_image_dataset,
     random_resized_crop_box,
@@ -19,14 +30,10 @@ from .data import (
 )
 from .distributed import average_gradients, fingerprints, out_of_sync
 from .hub import HubUploader
-from .images import image_grid, save_reconstruction_grid, to_pil
+from .images import image_grid, save_reconstruction_grid
 from .losses import (
-    PERCEPTUAL_LOSS_HELP,
-    FeaturePerceptualLoss,
-    LPIPSPerceptualLoss,
     PatchGANDiscriminator,
     adaptive_generator_weight,
-    build_perceptual_loss,
     discriminator_losses,
     frozen,
     hinge_discriminator_loss,
@@ -34,19 +41,15 @@ from .losses import (
     semantic_distillation_loss,
     tokenizer_losses,
 )
-from .metrics import psnr, ssim
 from .recipes import RECIPES, LossWeights, get_recipe
 from .tracking import JSONLinesTracker, read_jsonl
 
 
 __all__ = [
-    "PERCEPTUAL_LOSS_HELP",
     "RECIPES",
-    "FeaturePerceptualLoss",
     "HubUploader",
     "ImageTrainDataset",
     "JSONLinesTracker",
-    "LPIPSPerceptualLoss",
     "LossWeights",
     "PatchGANDiscriminator",
     "StreamingImageTrainDataset",
@@ -54,9 +57,7 @@ __all__ = [
     "TrainingState",
     "adaptive_generator_weight",
     "average_gradients",
-    "build_perceptual_loss",
     "collate_images",
-    "decode_image",
     "discriminator_losses",
     "fingerprints",
     "first_readable_images",
@@ -69,15 +70,12 @@ __all__ = [
     "load_image_dataset",
     "out_of_sync",
     "prune_checkpoints",
-    "psnr",
     "random_resized_crop_box",
     "read_jsonl",
     "resolve_checkpoint",
     "resolve_image_column",
     "save_reconstruction_grid",
     "semantic_distillation_loss",
-    "ssim",
-    "to_pil",
     "tokenizer_losses",
     "undecoded",
     "without_global_rng",

@@ -3,6 +3,16 @@
 `accelerator.save_state` stores models, optimisers, schedulers, registered objects (discriminator and its optimiser
 and schedule), RNG states and the sampler; the codebook EMA state is part of the tokenizer's buffers. What it does not
 know is where the run stood in its data, which `training_state.json` adds.
+
+Naming and pruning are our own rather than Accelerate's `ProjectConfiguration(automatic_checkpoint_naming=True,
+total_limit=N)` (checked against accelerate 1.16, `Accelerator.save_state`/`load_state`), which does not do this job:
+
+- it names folders `<project_dir>/checkpoints/checkpoint_<i>` by save count, so a folder does not say its optimiser
+  step, and `--resume_from_checkpoint checkpoint-<step>` (the transformers/diffusers convention) cannot name one;
+- it does not restore the save count on `load_state`, so the first save after a resume fails with "Checkpoint
+  directory ... already exists" unless the script resets `project_configuration.iteration` itself;
+- it counts, prunes and resumes from every folder, also one half-written by a crash (`load_state()` picks the
+  highest number); here a checkpoint counts only once its `training_state.json`, written last, exists.
 """
 
 import dataclasses

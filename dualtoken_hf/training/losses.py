@@ -1,28 +1,20 @@
 """Training losses of the DualToken tokenizer (paper §3.2, eq. 1-4).
 
 - eq. 1, the commitment loss, comes from the quantizers (`DualTokenVisionOutput.commitment_loss`);
-- eq. 3, the reconstruction loss: pixel L2 (from the model), a perceptual loss ([`build_perceptual_loss`]) and a
-  PatchGAN hinge loss ([`PatchGANDiscriminator`], [`hinge_generator_loss`]) weighted adaptively
-  ([`adaptive_generator_weight`]);
+- eq. 3, the reconstruction loss: pixel L2 (from the model), a perceptual loss (built by
+  `dualtoken_hf.evaluation.build_perceptual_loss`, the network of the LPIPS metric) and a PatchGAN hinge loss
+  ([`PatchGANDiscriminator`], [`hinge_generator_loss`]) weighted adaptively ([`adaptive_generator_weight`]);
 - eq. 4, the semantic loss ([`semantic_distillation_loss`]) against a frozen copy of the initial SigLIP tower;
 - eq. 2 puts them together ([`tokenizer_losses`]) with the weights of a recipe (`recipes.py`).
 """
 
 import contextlib
-import importlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .recipes import LossWeights
-
-
-PERCEPTUAL_LOSS_HELP = (
-    '"lpips" (LPIPS-VGG through the `lpips` package, which needs torchvision and its VGG weights), "none", or '
-    '"module.path:factory", a callable returning an nn.Module that maps images in [-1, 1] to a feature map or a '
-    "list of feature maps, compared LPIPS-style (unit-normalised channels, squared L2, spatial mean, summed)"
-)
 
 
 class PatchGANDiscriminator(nn.Module):
@@ -132,85 +124,6 @@ def semantic_distillation_loss(
     return terms
 
 
-class FeaturePerceptualLoss(nn.Module):
-    """
-    LPIPS-style distance in the feature space of any frozen network: every feature map is normalised to unit length
-    over channels, the squared difference is summed over channels and averaged over positions and images, and the
-    layers are summed (LPIPS with unit layer weights).
-
-    Args:
-        feature_extractor (`nn.Module`): Maps images `(B, 3, H, W)` in [-1, 1] to a feature map `(B, C, h, w)`, or a
-            list / tuple / dict of them. It is frozen and put in eval mode here.
-    """
-
-    def __init__(self, feature_extractor: nn.Module):
-        super().__init__()
-        self.feature_extractor = feature_extractor.eval().requires_grad_(False)
-
-    def train(self, mode: bool = True):
-        # The extractor stays in eval mode (BatchNorm statistics, dropout) whatever the training loop asks.
-        return self
-
-    def _feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
-        dtype = next(self.feature_extractor.parameters(), images).dtype
-        features = self.feature_extractor(images.to(dtype))
-        if isinstance(features, dict):
-            features = list(features.values())
-        return list(features) if isinstance(features, (list, tuple)) else [features]
-
-    def forward(self, images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-        distance = images.new_zeros((), dtype=torch.float32)
-        for image_map, reference_map in zip(self._feature_maps(images), self._feature_maps(references)):
-            image_map, reference_map = _unit_channels(image_map.float()), _unit_channels(reference_map.float())
-            distance = distance + (image_map - reference_map).pow(2).sum(dim=1).mean()
-        return distance
-
-
-def _unit_channels(feature_map: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    return feature_map / (feature_map.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)
-
-
-class LPIPSPerceptualLoss(nn.Module):
-    """LPIPS-VGG (Zhang et al. 2018) through the `lpips` package, averaged over the batch; inputs in [-1, 1]."""
-
-    def __init__(self):
-        super().__init__()
-        try:
-            import lpips
-        except ImportError as error:
-            raise ImportError(
-                "--perceptual_loss lpips needs the `lpips` package (pip install lpips; it needs torchvision and "
-                "downloads the VGG weights on first use). Use --perceptual_loss none or a 'module.path:factory' "
-                "feature network instead."
-            ) from error
-        self.lpips = lpips.LPIPS(net="vgg", verbose=False).eval().requires_grad_(False)
-
-    def train(self, mode: bool = True):
-        return self
-
-    def forward(self, images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-        return self.lpips(images.float(), references.float()).mean()
-
-
-def build_perceptual_loss(name: str) -> nn.Module | None:
-    """
-    The perceptual loss `name` (see `PERCEPTUAL_LOSS_HELP`): `"lpips"`, `"none"` (returns `None`) or
-    `"module.path:factory"`. Raises instead of falling back, so a run never trains without the loss it asked for.
-    """
-    if name == "none":
-        return None
-    if name == "lpips":
-        return LPIPSPerceptualLoss()
-    module_name, separator, factory_name = name.partition(":")
-    if not separator or not module_name or not factory_name:
-        raise ValueError(f"perceptual loss must be 'lpips', 'none' or 'module.path:factory', got {name!r}")
-    factory = getattr(importlib.import_module(module_name), factory_name)
-    extractor = factory()
-    if not isinstance(extractor, nn.Module):
-        raise ValueError(f"{name} must return an nn.Module feature extractor, got {type(extractor).__name__}")
-    return FeaturePerceptualLoss(extractor)
-
-
 @contextlib.contextmanager
 def frozen(module: nn.Module):
     """Temporarily stop gradients into `module`'s parameters (the discriminator during the generator loss)."""
@@ -242,7 +155,8 @@ def tokenizer_losses(
         teacher_outputs: Output of the frozen initial SigLIP tower on `pixel_values` with `output_hidden_states=True`.
         semantic_layer (`int`): 1-indexed block whose (unquantized) output eq. 4 compares, as the official code does.
         weights (`LossWeights`): The recipe.
-        perceptual_loss (`nn.Module`, *optional*): `(reconstruction, pixel_values) -> scalar`; `None` for no term.
+        perceptual_loss (`nn.Module`, *optional*): `(reconstruction, pixel_values) -> (B,)` per-image distances
+            (see `dualtoken_hf.evaluation.build_perceptual_loss`), averaged here; `None` for no term.
         discriminator (`nn.Module`, *optional*): The PatchGAN once the GAN has started, else `None`. It is called
             with frozen parameters, so only the tokenizer receives gradients from the generator loss.
         last_layer (`torch.Tensor`, *optional*): The decoder's last weight, for the adaptive GAN weight.
@@ -251,7 +165,7 @@ def tokenizer_losses(
     zero = reconstruction.new_zeros((), dtype=torch.float32)
     terms = {
         "reconstruction": outputs.reconstruction_loss.float(),
-        "perceptual": perceptual_loss(reconstruction, pixel_values) if perceptual_loss is not None else zero,
+        "perceptual": perceptual_loss(reconstruction, pixel_values).mean() if perceptual_loss is not None else zero,
         "pixel_commitment": outputs.pixel_commitment_loss.float(),
         "semantic_commitment": outputs.semantic_commitment_loss.float(),
     }

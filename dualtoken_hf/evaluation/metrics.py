@@ -1,8 +1,10 @@
-"""Reconstruction metrics on image tensors: PSNR and SSIM, one value per image.
+"""Reconstruction metrics on image tensors: PSNR and SSIM, one value per image, for evaluation reports and training
+logs alike.
 
 Both take `(B, 3, H, W)` float tensors on one scale and that scale's `data_range` (max - min): 2.0 for the model's
 [-1, 1] space, 1.0 for [0, 1], 255.0 for 0..255. Clamp reconstructions to the range first (decoder outputs are not
-clamped); the metrics do not clamp.
+clamped); the metrics do not clamp. PSNR is the same on every scale; SSIM is not (its luminance term compares
+absolute means), so compute it on [0, 1] or 0..255 images to compare with published numbers.
 """
 
 import torch

@@ -5,7 +5,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from dualtoken_hf.training import psnr, ssim
+from dualtoken_hf.evaluation import psnr, ssim
 
 
 @pytest.fixture
