@@ -389,7 +389,7 @@ class DualTokenDepthHeadConfig(PreTrainedConfig):
 
 
 UNIFIED_PRESETS = {
-    "dualtoken-3b": {},
+    "dualtoken-3b": {"vision_preset": "paper"},
     "tiny": {
         "text_config": {
             "model_type": "qwen2",
@@ -479,7 +479,7 @@ class DualTokenConfig(PreTrainedConfig):
         if name not in UNIFIED_PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(UNIFIED_PRESETS)}")
         settings = merge_settings(UNIFIED_PRESETS[name], overrides)
-        vision_preset = settings.pop("vision_preset", "paper")
+        vision_preset = settings.pop("vision_preset")
         settings.setdefault("vision_config", DualTokenVisionConfig.from_preset(vision_preset))
         return cls(**settings)
 

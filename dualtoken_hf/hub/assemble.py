@@ -84,7 +84,7 @@ def initialize_unified(
     if preset not in UNIFIED_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(UNIFIED_PRESETS)}")
     torch.manual_seed(seed)
-    vision_preset = UNIFIED_PRESETS[preset].get("vision_preset", "paper")
+    vision_preset = UNIFIED_PRESETS[preset]["vision_preset"]
     with _naming_checkpoint("SigLIP", siglip):
         vision_tokenizer = DualTokenVisionModel.from_siglip(siglip, preset=vision_preset)
     with _naming_checkpoint("LLM", llm):
