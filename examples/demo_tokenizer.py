@@ -121,7 +121,7 @@ def main(args: argparse.Namespace):
     after = reconstruct(DualTokenVisionModel.from_pretrained(run_dir), held_out)
 
     scores = {
-        label: (psnr(images, held_out, data_range=2.0), ssim(images, held_out, data_range=2.0))
+        label: (psnr(images, held_out, data_range=2.0), ssim((images + 1) / 2, (held_out + 1) / 2, data_range=1.0))
         for label, images in (("before", before), ("after", after))
     }
     print(f"\ntrained {args.max_train_steps} steps in {training_seconds:.0f} s; held-out photos "

@@ -279,7 +279,8 @@ def validate(accelerator, model, pixel_values: torch.Tensor, step: int, output_d
         save_reconstruction_grid([pixel_values, reconstructions], output_dir / "validation" / f"step-{step:07d}.png")
     return {
         "validation/psnr": psnr(reconstructions, pixel_values, data_range=2.0).mean().item(),
-        "validation/ssim": ssim(reconstructions, pixel_values, data_range=2.0).mean().item(),
+        # SSIM is not shift-invariant: compute it on [0, 1] like published numbers.
+        "validation/ssim": ssim((reconstructions + 1) / 2, (pixel_values + 1) / 2, data_range=1.0).mean().item(),
     }
 
 
