@@ -26,10 +26,7 @@ FULL_SIZE_DECODER = {
     "layers_per_block": 2,
 }
 
-requires_reference = pytest.mark.skipif(
-    not (REFERENCE_DIR / "official_v2_tiny_io.safetensors").exists(),
-    reason=f"official reference files not found in {REFERENCE_DIR} (set DUALTOKEN_REFERENCE_DIR)",
-)
+requires_reference = pytest.mark.usefixtures("reference_dir")  # fails without the golden tensors (conftest)
 
 
 def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:

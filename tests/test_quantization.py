@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import REFERENCE_DIR, OfficialReference
+from conftest import OfficialReference, require_reference_dir
 
 from dualtoken_hf.configuration_dualtoken import DualTokenQuantizerConfig
 from dualtoken_hf.quantization_dualtoken import DualTokenResidualQuantizer, ResidualQuantizerOutput
@@ -49,8 +49,7 @@ def load_official_quantizer(state: dict, prefix: str, **kwargs) -> DualTokenResi
 
 @pytest.fixture(scope="module")
 def reference():
-    if not REFERENCE_DIR.is_dir():
-        pytest.skip(f"official reference tensors not found in {REFERENCE_DIR} (set DUALTOKEN_REFERENCE_DIR)")
+    require_reference_dir()
     references = {version: OfficialReference(version) for version in ("v1", "v2")}
     return {version: (reference.state, reference.io) for version, reference in references.items()}
 

@@ -86,9 +86,55 @@ def test_semantic_layer_loss_is_zero_at_initialisation():
     model, teacher = tiny_model_and_teacher()
     pixel_values, outputs, teacher_outputs = forward_both(model, teacher)
     terms = tokenizer_losses(outputs, pixel_values, teacher_outputs, model.config.semantic_layer,
-                             RECIPES["v2"]["loss_weights"])
+                             RECIPES["v2"]["loss_weights"], semantic_loss_features="layer")
     assert terms["semantic_features"].item() == 0.0
     assert terms["semantic_features_cosine"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def hand_computed_semantic_loss(features, teacher_features, pooled, teacher_pooled, weights) -> torch.Tensor:
+    """eq. 4 with the recipe's weights: L2 + cosine weight x (1 - cos), on the features and on the pooled output."""
+    def term(values, targets):
+        mse = ((values - targets) ** 2).mean()
+        cosine = (values * targets).sum(-1) / (values.norm(dim=-1) * targets.norm(dim=-1))
+        return mse + weights.semantic_cosine_weight * (1 - cosine.mean())
+
+    return (weights.semantic_feature_weight * term(features, teacher_features)
+            + weights.semantic_pooled_weight * term(pooled, teacher_pooled))
+
+
+@pytest.mark.parametrize("recipe_name", ["paper", "v2"])
+def test_recipe_semantic_loss_matches_a_hand_computation(recipe_name):
+    """`paper` compares the unquantized semantic layer; `v2` (as the official v2 code's `zq_semantic`) the semantic
+    codes' embeddings, looked up in the codebook and projected back to the tower width."""
+    model, teacher = tiny_model_and_teacher()
+    model.eval()  # no EMA step: the codebook that chose the codes is the one the hand computation reads
+    pixel_values, outputs, teacher_outputs = forward_both(model, teacher)
+    recipe = get_recipe(recipe_name)
+    weights, layer = recipe["loss_weights"], model.config.semantic_layer
+    terms = tokenizer_losses(outputs, pixel_values, teacher_outputs, layer, weights,
+                             semantic_loss_features=recipe["semantic_loss_features"])
+    with torch.no_grad():
+        if recipe_name == "paper":
+            features = model.siglip(pixel_values, output_hidden_states=True).hidden_states[layer]
+        else:
+            codes = outputs.semantic_codes  # (B, h, w, D)
+            table = model.semantic_quantizer.codebook[0]  # the tiny preset shares one codebook across depths
+            embeddings = sum(table[codes[..., d]] for d in range(codes.shape[-1]))
+            features = model.semantic_up_projection(embeddings).flatten(1, 2)
+        teacher_features = teacher(pixel_values, output_hidden_states=True).hidden_states[layer]
+        expected = hand_computed_semantic_loss(features, teacher_features, outputs.pooler_output,
+                                               teacher_outputs.pooler_output, weights)
+    torch.testing.assert_close(terms["semantic"], expected, rtol=1e-5, atol=1e-6)
+    # At initialisation only the quantized features differ from the teacher's semantic layer.
+    assert (terms["semantic_features"].item() > 1e-3) == (recipe_name == "v2")
+
+
+def test_unknown_semantic_loss_features_are_rejected():
+    model, teacher = tiny_model_and_teacher()
+    pixel_values, outputs, teacher_outputs = forward_both(model, teacher)
+    with pytest.raises(ValueError, match="semantic_loss_features must be one of"):
+        tokenizer_losses(outputs, pixel_values, teacher_outputs, model.config.semantic_layer,
+                         RECIPES["v2"]["loss_weights"], semantic_loss_features="pooled")
 
 
 def test_semantic_loss_is_zero_at_initialisation_without_semantic_feedback():
@@ -174,6 +220,9 @@ def test_recipes_hold_the_official_weights():
     assert (paper.reconstruction_weight, paper.commitment_weight, paper.semantic_cosine_weight) == (10.0, 40.0, 0.0)
     assert (v2.reconstruction_weight, v2.commitment_weight, v2.semantic_cosine_weight) == (5.0, 5.0, 1.0)
     assert (RECIPES["paper"]["adam_beta1"], RECIPES["paper"]["adam_beta2"]) == (0.5, 0.9)
+    assert (RECIPES["paper"]["semantic_loss_features"], RECIPES["v2"]["semantic_loss_features"]) == (
+        "layer", "quantized"
+    )
 
 
 def test_get_recipe_applies_overrides_and_ignores_none():
@@ -182,6 +231,9 @@ def test_get_recipe_applies_overrides_and_ignores_none():
     assert recipe["loss_weights"].perceptual_weight == 1.0
     assert recipe["learning_rate"] == 1e-3
     assert RECIPES["paper"]["loss_weights"].commitment_weight == 40.0
+    assert get_recipe("paper", semantic_loss_features="quantized")["semantic_loss_features"] == "quantized"
+    with pytest.raises(ValueError, match="semantic_loss_features must be one of"):
+        get_recipe("paper", semantic_loss_features="pooled")
     with pytest.raises(ValueError, match="unknown recipe settings"):
         get_recipe("paper", commitment=1.0)
     with pytest.raises(ValueError, match="unknown recipe"):

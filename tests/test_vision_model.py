@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import SiglipModel, SiglipConfig, SiglipVisionModel
 
-from conftest import REFERENCE_DIR
+from conftest import REFERENCE_DIR, require_reference_dir
 from dualtoken_hf import DualTokenVisionConfig, DualTokenVisionModel
 
 
@@ -41,8 +41,7 @@ def official_unique_numel(version: str) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("preset, version", [("paper", "v1"), ("v2", "v2")])
 def test_full_size_preset_matches_official_size_and_gives_27x27x8_codes(preset, version):
-    if not REFERENCE_DIR.is_dir():
-        pytest.skip("reference key lists not available")
+    require_reference_dir()
     with torch.device("meta"):
         model = DualTokenVisionModel(DualTokenVisionConfig.from_preset(preset)).eval()
         assert sum(t.numel() for t in model.state_dict().values()) == official_unique_numel(version)
@@ -121,6 +120,23 @@ def test_encode_with_feedback_runs_the_remaining_blocks_on_quantized_semantics(t
     assert len(encoded.hidden_states) == 7
 
 
+def test_codes_only_encode_gives_the_same_codes_without_the_blocks_after_the_semantic_layer(tiny_model, images):
+    tiny_model.eval()
+    calls = []
+    for index, layer in enumerate(tiny_model.siglip.encoder.layers, start=1):
+        layer.register_forward_hook(lambda *_, index=index: calls.append(index))
+    for module in (tiny_model.siglip.post_layernorm, tiny_model.siglip.head, tiny_model.semantic_up_projection):
+        module.register_forward_hook(lambda *_: calls.append("after the quantizers"))
+    with torch.no_grad():
+        full = tiny_model.encode(images)
+        calls.clear()
+        codes_only = tiny_model.encode(images, codes_only=True)
+    assert calls == list(range(1, tiny_model.config.semantic_layer + 1))
+    assert torch.equal(codes_only.pixel_codes, full.pixel_codes)
+    assert torch.equal(codes_only.semantic_codes, full.semantic_codes)
+    assert codes_only.pooler_output is None and codes_only.semantic_features is None
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(images):
     torch.manual_seed(0)
     plain = DualTokenVisionModel(DualTokenVisionConfig.from_preset("tiny")).train()
@@ -135,20 +151,45 @@ def test_gradient_checkpointing_gives_the_same_gradients(images):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_bfloat16_model_encodes_and_decodes(tiny_model, images):
-    model = tiny_model.to(torch.bfloat16).eval()
-    with torch.no_grad():
-        encoded = model.encode(images)
-        decoded = model.decode(encoded.pixel_codes)
-    assert encoded.pixel_codes.dtype == torch.long
-    assert decoded.dtype == torch.bfloat16 and torch.isfinite(decoded).all()
+def mean_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.float() - expected).abs().mean() / expected.abs().mean()).item()
 
 
-def test_bf16_autocast_keeps_codes_in_range_and_losses_finite(tiny_model, images):
+def code_agreement_per_depth(codes: torch.LongTensor, expected: torch.LongTensor) -> torch.Tensor:
+    return (codes == expected).float().mean(dim=(0, 1, 2))
+
+
+# bf16 rounding moves a few latents across a code boundary (measured: >= 96% of codes agree at every depth) and the
+# decoder's outputs by ~5% on average; a wrong cast or a lost tensor would give unrelated codes and images.
+
+
+def test_bfloat16_model_encodes_and_decodes_like_float32(tiny_model, images):
     tiny_model.eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        output = tiny_model(images)
-    assert output.pixel_codes.max() < 256 and torch.isfinite(output.reconstruction_loss)
+    with torch.no_grad():
+        expected = tiny_model.encode(images)
+        expected_images = tiny_model.decode(expected.pixel_codes)
+        model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+        encoded = model.encode(images)
+        decoded = model.decode(expected.pixel_codes)
+    assert encoded.pixel_codes.dtype == torch.long and decoded.dtype == torch.bfloat16
+    for branch in ("pixel", "semantic"):
+        agreement = code_agreement_per_depth(encoded.branch_codes(branch), expected.branch_codes(branch))
+        assert (agreement >= 0.9).all(), (branch, agreement)
+    assert mean_relative_error(encoded.pooler_output, expected.pooler_output) < 0.05
+    assert mean_relative_error(decoded, expected_images) < 0.1
+
+
+def test_bf16_autocast_gives_the_float32_codes_and_losses(tiny_model, images):
+    tiny_model.eval()
+    with torch.no_grad():
+        expected = tiny_model(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = tiny_model(images)
+    for branch in ("pixel", "semantic"):
+        agreement = code_agreement_per_depth(output.branch_codes(branch), expected.branch_codes(branch))
+        assert (agreement >= 0.9).all(), (branch, agreement)
+    assert output.reconstruction_loss.item() == pytest.approx(expected.reconstruction_loss.item(), rel=0.05)
+    assert output.commitment_loss.item() == pytest.approx(expected.commitment_loss.item(), rel=0.05)
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@
 - eq. 3, the reconstruction loss: pixel L2 (from the model), a perceptual loss (built by
   `dualtoken_hf.evaluation.build_perceptual_loss`, the network of the LPIPS metric) and a PatchGAN hinge loss
   ([`PatchGANDiscriminator`], [`hinge_generator_loss`]) weighted adaptively ([`adaptive_generator_weight`]);
-- eq. 4, the semantic loss ([`semantic_distillation_loss`]) against a frozen copy of the initial SigLIP tower;
+- eq. 4, the semantic loss ([`semantic_distillation_loss`]) against the frozen original SigLIP tower;
 - eq. 2 puts them together ([`tokenizer_losses`]) with the weights of a recipe (`recipes.py`).
 """
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .recipes import LossWeights
+from .recipes import SEMANTIC_LOSS_FEATURES, LossWeights
 
 
 class PatchGANDiscriminator(nn.Module):
@@ -106,9 +106,10 @@ def semantic_distillation_loss(
     cosine_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """
-    Eq. 4: keep the semantic layer's features `F` (and the pooled output) close to those of the initial tower `F_0`.
+    Eq. 4: keep the student's semantic features `F` (and the pooled output) close to the teacher's `F_0` at the
+    semantic layer (which student features: `semantic_loss_features` of [`tokenizer_losses`]).
 
-    Returns `features` (L2 on the semantic layer), `pooled` (L2 on the pooling head), their `1 - cos` counterparts
+    Returns `features` (L2 on the semantic features), `pooled` (L2 on the pooling head), their `1 - cos` counterparts
     `features_cosine` and `pooled_cosine`, and `total`
     `= feature_weight * (features + cosine_weight * features_cosine) + pooled_weight * (pooled + ...)`.
     """
@@ -145,6 +146,7 @@ def tokenizer_losses(
     perceptual_loss: nn.Module | None = None,
     discriminator: nn.Module | None = None,
     last_layer: torch.Tensor | None = None,
+    semantic_loss_features: str = "layer",
 ) -> dict[str, torch.Tensor]:
     """
     Eq. 2: every loss term of one tokenizer (generator) step, and their weighted sum under `"total"`.
@@ -152,14 +154,17 @@ def tokenizer_losses(
     Args:
         outputs (`DualTokenVisionOutput`): `model(pixel_values, output_hidden_states=True)` in training mode.
         pixel_values (`torch.Tensor`): The input images `(B, 3, H, W)` in [-1, 1].
-        teacher_outputs: Output of the frozen initial SigLIP tower on `pixel_values` with `output_hidden_states=True`.
-        semantic_layer (`int`): 1-indexed block whose (unquantized) output eq. 4 compares, as the official code does.
+        teacher_outputs: Output of the frozen original SigLIP tower on `pixel_values` with `output_hidden_states=True`.
+        semantic_layer (`int`): 1-indexed block whose teacher output is the target of eq. 4.
         weights (`LossWeights`): The recipe.
         perceptual_loss (`nn.Module`, *optional*): `(reconstruction, pixel_values) -> (B,)` per-image distances
             (see `dualtoken_hf.evaluation.build_perceptual_loss`), averaged here; `None` for no term.
         discriminator (`nn.Module`, *optional*): The PatchGAN once the GAN has started, else `None`. It is called
             with frozen parameters, so only the tokenizer receives gradients from the generator loss.
         last_layer (`torch.Tensor`, *optional*): The decoder's last weight, for the adaptive GAN weight.
+        semantic_loss_features (`str`, defaults to `"layer"`): The student features of eq. 4 (see `recipes.py`):
+            `"layer"`, the unquantized output of block `semantic_layer` (`paper`), or `"quantized"`,
+            `outputs.semantic_features`, the semantic code embeddings projected back to the tower width (`v2`).
     """
     reconstruction = outputs.reconstruction
     zero = reconstruction.new_zeros((), dtype=torch.float32)
@@ -169,8 +174,15 @@ def tokenizer_losses(
         "pixel_commitment": outputs.pixel_commitment_loss.float(),
         "semantic_commitment": outputs.semantic_commitment_loss.float(),
     }
+    if semantic_loss_features not in SEMANTIC_LOSS_FEATURES:
+        raise ValueError(
+            f"semantic_loss_features must be one of {SEMANTIC_LOSS_FEATURES}, got {semantic_loss_features!r}"
+        )
+    student_features = (
+        outputs.hidden_states[semantic_layer] if semantic_loss_features == "layer" else outputs.semantic_features
+    )
     semantic = semantic_distillation_loss(
-        outputs.hidden_states[semantic_layer],
+        student_features,
         teacher_outputs.hidden_states[semantic_layer],
         outputs.pooler_output,
         teacher_outputs.pooler_output,

@@ -13,9 +13,17 @@ others are our choices where the official code has none (each is said so in the 
 
     L_sem = semantic_feature_weight * (||F - F_0||^2 + cosine * (1 - cos(F, F_0)))      (eq. 4, the semantic layer)
           + semantic_pooled_weight  * (||P - P_0||^2 + cosine * (1 - cos(P, P_0)))      (the pooling head)
+
+F_0 is the frozen teacher's output at the semantic layer. F is the student's, chosen by `semantic_loss_features`:
+`"layer"` (`paper`, as eq. 4 and the 2025 code) is the semantic layer's own, unquantized output; `"quantized"` (`v2`,
+as the official v2 code's `zq_semantic`) is the semantic codes' embeddings projected back to the tower width, the
+features that replace the hidden state after the semantic layer (`DualTokenVisionOutput.semantic_features`).
 """
 
 import dataclasses
+
+
+SEMANTIC_LOSS_FEATURES = ("layer", "quantized")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +65,7 @@ RECIPES = {
         "lr_warmup_steps": 10_000,  # official
         # Official: the GAN starts half-way through the first epoch (about 19.5k steps for CC12M at 8 x 32 images).
         "gan_start_step": 20_000,
+        "semantic_loss_features": "layer",  # official: the unquantized semantic layer (eq. 4)
     },
     "v2": {
         "loss_weights": LossWeights(
@@ -78,6 +87,7 @@ RECIPES = {
         "adam_weight_decay": 1e-4,  # official
         "lr_warmup_steps": 10_000,  # official
         "gan_start_step": 20_000,  # official schedule as in `paper`
+        "semantic_loss_features": "quantized",  # official: `zq_semantic`, the projected-back semantic embeddings
     },
 }
 
@@ -99,4 +109,8 @@ def get_recipe(name: str, **overrides) -> dict:
         recipe["loss_weights"], **{key: value for key, value in set_overrides.items() if key in weight_names}
     )
     recipe.update({key: value for key, value in set_overrides.items() if key not in weight_names})
+    if recipe["semantic_loss_features"] not in SEMANTIC_LOSS_FEATURES:
+        raise ValueError(
+            f"semantic_loss_features must be one of {SEMANTIC_LOSS_FEATURES}, got {recipe['semantic_loss_features']!r}"
+        )
     return recipe
