@@ -52,11 +52,30 @@ def check_branch(branch: str) -> str:
     return branch
 
 
+# Upper bounds that no real tokenizer comes near (paper: 32768 codes, 8 depths) but that keep an edited config.json from
+# allocating terabytes before anything else can complain.
+MAX_CODEBOOK_SIZE = 2**24
+MAX_DEPTH = 64
+# GroupNorm groups of the paper's conv projections (`DualTokenConvProjection`): both widths must be multiples.
+RESCONV_NORM_GROUPS = 32
+
+
 def _check_positive(config: PreTrainedConfig, *names: str):
     for name in names:
         value = getattr(config, name)
         if value < 1:
             raise ValueError(f"{type(config).__name__}.{name} must be at least 1, got {value}")
+
+
+def _check_at_most(config: PreTrainedConfig, name: str, limit: int):
+    value = getattr(config, name)
+    if value > limit:
+        raise ValueError(f"{type(config).__name__}.{name} must be at most {limit}, got {value}")
+
+
+def _check_multiple(value: int, name: str, divisor: int, divisor_name: str):
+    if value % divisor:
+        raise ValueError(f"{name} ({value}) must be a multiple of {divisor_name} ({divisor})")
 
 
 @auto_docstring(
@@ -117,6 +136,8 @@ class DualTokenQuantizerConfig(PreTrainedConfig):
     def validate_architecture(self):
         """Check that the sizes describe a quantizer that can be built."""
         _check_positive(self, "codebook_size", "code_dim", "depth")
+        _check_at_most(self, "codebook_size", MAX_CODEBOOK_SIZE)
+        _check_at_most(self, "depth", MAX_DEPTH)
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
@@ -159,6 +180,14 @@ class DualTokenPixelDecoderConfig(PreTrainedConfig):
         _check_positive(self, "decoder_in_channels", "layers_per_block", "norm_num_groups", "out_channels")
         if not self.block_out_channels:
             raise ValueError("block_out_channels needs at least one decoder level, got none")
+        for level, channels in enumerate(self.block_out_channels):
+            _check_multiple(channels, f"block_out_channels[{level}]", self.norm_num_groups, "norm_num_groups")
+        _check_multiple(self.decoder_in_channels, "decoder_in_channels", self.norm_num_groups, "norm_num_groups")
+
+    @property
+    def upsampling_factor(self) -> int:
+        """Side of the decoded image over side of the decoder's latent grid: one 2x upsampling between levels."""
+        return 2 ** (len(self.block_out_channels) - 1)
 
 
 PROJECTION_TYPES = ("resconv", "attention")
@@ -247,6 +276,10 @@ class DualTokenVisionConfig(PreTrainedConfig):
         The pixel decoder's channels and blocks; missing settings take the paper values.
     initializer_range (`float`, *optional*, defaults to 0.02):
         Standard deviation of the normal initialiser of the projections.
+    siglip_name_or_path (`str`, *optional*):
+        The pretrained SigLIP checkpoint the tower was initialised from, recorded by
+        [`~DualTokenVisionModel.from_siglip`]. Training that continues from this tokenizer loads it as the frozen
+        teacher of the semantic loss (eq. 4), so the target stays the original tower rather than the trained one.
 
     Example:
 
@@ -277,6 +310,7 @@ class DualTokenVisionConfig(PreTrainedConfig):
     semantic_quantizer_config: dict | PreTrainedConfig | None = None
     decoder_config: dict | PreTrainedConfig | None = None
     initializer_range: float | int = 0.02
+    siglip_name_or_path: str | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -285,10 +319,34 @@ class DualTokenVisionConfig(PreTrainedConfig):
         self.validate_architecture()
 
     def validate_architecture(self):
-        """Check that the layer taps and widths describe a model that can be built."""
-        num_layers = self.siglip_config.num_hidden_layers
+        """Check that the tower, the layer taps and the widths describe a model that can be built."""
         if self.projection_type not in PROJECTION_TYPES:
             raise ValueError(f"projection_type must be one of {PROJECTION_TYPES}, got {self.projection_type!r}")
+        self._check_tower()
+        self._check_layer_taps()
+        self._check_widths()
+
+    def _check_tower(self):
+        siglip = self.siglip_config
+        sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size", "num_channels")
+        _check_positive(siglip, *sizes)
+        _check_multiple(
+            siglip.hidden_size, "siglip_config.hidden_size", siglip.num_attention_heads, "num_attention_heads"
+        )
+        if siglip.image_size < siglip.patch_size:
+            raise ValueError(
+                f"siglip_config.image_size ({siglip.image_size}) must be at least patch_size ({siglip.patch_size}), "
+                "else the code grid is empty"
+            )
+        _check_multiple(
+            siglip.image_size,
+            "siglip_config.image_size",
+            self.decoder_config.upsampling_factor,
+            "the pixel decoder's upsampling 2**(len(block_out_channels) - 1)",
+        )
+
+    def _check_layer_taps(self):
+        num_layers = self.siglip_config.num_hidden_layers
         if not 1 <= self.pixel_layer <= self.semantic_layer <= num_layers:
             raise ValueError(
                 f"need 1 <= pixel_layer <= semantic_layer <= num_hidden_layers ({num_layers}), "
@@ -298,6 +356,21 @@ class DualTokenVisionConfig(PreTrainedConfig):
             raise ValueError(
                 f"shortcut_layer must be in [1, semantic_layer={self.semantic_layer}], got {self.shortcut_layer}"
             )
+
+    def _check_widths(self):
+        hidden = self.siglip_config.hidden_size
+        groups = self.decoder_config.norm_num_groups
+        _check_multiple(hidden, "siglip_config.hidden_size", groups, "decoder_config.norm_num_groups")
+        for branch in BRANCHES:
+            code_dim = self.quantizer_config(branch).code_dim
+            if self.projection_type == "attention" and max(hidden, code_dim) % min(hidden, code_dim):
+                raise ValueError(
+                    f"projection_type='attention' needs the {branch} code_dim ({code_dim}) and the SigLIP hidden_size "
+                    f"({hidden}) to divide one another"
+                )
+            if self.projection_type == "resconv":
+                for name, width in ((f"{branch} code_dim", code_dim), ("siglip_config.hidden_size", hidden)):
+                    _check_multiple(width, name, RESCONV_NORM_GROUPS, "the resconv projection's GroupNorm groups")
 
     @property
     def image_size(self) -> int:
@@ -388,6 +461,10 @@ class DualTokenDepthHeadConfig(PreTrainedConfig):
             )
 
 
+IMAGE_TOKEN_ID_NAMES = ("image_token_id", "boi_token_id", "eoi_token_id", "pad_token_id")
+
+LOSS_REDUCTIONS = ("sequence", "per_term")
+
 UNIFIED_PRESETS = {
     "dualtoken-3b": {"vision_preset": "paper"},
     "tiny": {
@@ -433,6 +510,12 @@ class DualTokenConfig(PreTrainedConfig):
         Activation of the 2-layer MLP that maps concat(pixel, semantic code embeddings) to the LLM width.
     freeze_vision_tokenizer (`bool`, *optional*, defaults to `True`):
         Keep the tokenizer frozen (no gradients, eval mode, no codebook updates), as in the paper.
+    loss_reduction (`str`, *optional*, defaults to `"sequence"`):
+        How the training loss normalises eq. 6. `"sequence"`: eq. 6 as written, one sum of the negative
+        log-likelihood over every target (each text target gives one term, each image target the 2D terms of
+        eq. 8), divided once by the number of target positions (text targets + image targets). `"per_term"`:
+        the mean text loss + the mean pixel loss + the mean semantic loss (each image mean is over image targets of
+        the per-position sum over depths), which weighs text against images by about N_image / N_text.
     image_token_id (`int`, *optional*, defaults to 151665):
         Id of the image placeholder token, one per grid position.
     boi_token_id (`int`, *optional*, defaults to 151666):
@@ -457,6 +540,7 @@ class DualTokenConfig(PreTrainedConfig):
     depth_head_config: dict | PreTrainedConfig | None = None
     projector_hidden_act: str = "gelu"
     freeze_vision_tokenizer: bool = True
+    loss_reduction: str = "sequence"
     image_token_id: int = 151665
     boi_token_id: int = 151666
     eoi_token_id: int = 151667
@@ -467,6 +551,37 @@ class DualTokenConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if self.tie_word_embeddings is None:
             self.tie_word_embeddings = getattr(self.text_config, "tie_word_embeddings", False)
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
+        # As in `DualTokenVisionConfig`: the plain `ValueError` here, before `@strict` would wrap it.
+        self.validate_token_ids()
+        self.validate_architecture()
+
+    def validate_token_ids(self):
+        """Check that the image, begin/end-of-image and padding ids are distinct ids of the text vocabulary."""
+        super().validate_token_ids()
+        vocab_size = self.text_config.vocab_size
+        token_ids = {name: getattr(self, name) for name in IMAGE_TOKEN_ID_NAMES}
+        for name, token_id in token_ids.items():
+            if token_id is not None and not 0 <= token_id < vocab_size:
+                raise ValueError(
+                    f"{name} must be in [0, text_config.vocab_size={vocab_size}), got {token_id}; add the image tokens "
+                    "to the text tokenizer and resize the token embeddings first"
+                )
+        given = [token_id for token_id in token_ids.values() if token_id is not None]
+        if len(set(given)) != len(given):
+            raise ValueError(f"the image, begin/end-of-image and padding token ids must differ, got {token_ids}")
+
+    def validate_architecture(self):
+        """Check that the text model's context holds at least one image with its begin/end tokens."""
+        super().validate_architecture()
+        context = getattr(self.text_config, "max_position_embeddings", None)
+        needed = self.num_image_tokens + 2
+        if context is not None and context < needed:
+            raise ValueError(
+                f"text_config.max_position_embeddings ({context}) must be at least num_image_tokens + 2 ({needed}): "
+                "the context must hold one image with its begin/end-of-image tokens"
+            )
 
     @property
     def num_image_tokens(self) -> int:

@@ -25,6 +25,8 @@ can be copied (with that sibling) into a model folder and loaded with
 
 import io
 import os
+import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -322,22 +324,38 @@ def open_image(image) -> PIL.Image.Image:
         `PIL.Image.Image`: a new image of mode `RGB`.
 
     Raises:
-        `ValueError`: when the image cannot be read (missing, truncated or corrupt file, not an image, too many
-        pixels for PIL's decompression-bomb guard, ...); the message names the file and says why. Also for an
-        unsupported type of `image`.
+        `ValueError`: when the image cannot be read (missing, truncated or corrupt file, not an image, ...); the
+        message names the file and says why. Also for an unsupported type of `image`, and for a file of more than
+        `PIL.Image.MAX_IMAGE_PIXELS` pixels (PIL's decompression-bomb guard, 89,478,485 by default), which is
+        refused from its header, before anything is decoded (PIL itself only warns up to twice that limit).
     """
     source, name = _image_source(image)
-    # PIL's decoders report unreadable data with many exception types (OSError, SyntaxError, struct.error,
-    # DecompressionBombError, ...); to a caller they all mean the same: this is not a readable image.
+    # PIL's decoders report unreadable data with many exception types (OSError, SyntaxError, struct.error, ...); to
+    # a caller they all mean the same: this is not a readable image.
     try:
         if isinstance(source, PIL.Image.Image):
             source.load()
             return _to_rgb_image(PIL.ImageOps.exif_transpose(source))
-        with PIL.Image.open(source) as opened:
-            opened.load()
-            return _to_rgb_image(PIL.ImageOps.exif_transpose(opened))
+        with warnings.catch_warnings():
+            # Between its limit and twice it PIL only warns, then decodes the whole image anyway.
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(source) as opened:
+                opened.load()
+                return _to_rgb_image(PIL.ImageOps.exif_transpose(opened))
+    except (PIL.Image.DecompressionBombWarning, PIL.Image.DecompressionBombError) as error:
+        raise ValueError(_too_many_pixels_message(name, error)) from error
     except Exception as error:
         raise ValueError(f"cannot read {name} as an image: {error}") from error
+
+
+def _too_many_pixels_message(name: str, error: Exception) -> str:
+    pixels = re.search(r"\((\d+) pixels\)", str(error))  # PIL's message is the only place that holds the count
+    count = f"{int(pixels[1]):,} pixels" if pixels else "too many pixels"
+    return (
+        f"cannot read {name} as an image: it has {count}, more than PIL.Image.MAX_IMAGE_PIXELS = "
+        f"{PIL.Image.MAX_IMAGE_PIXELS:,}, PIL's guard against decompression bombs; raise that limit only for files "
+        "you trust"
+    )
 
 
 def _image_source(image) -> tuple[Any, str]:

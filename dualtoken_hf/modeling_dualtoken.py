@@ -19,6 +19,8 @@ state feeds two depth-transformer heads (pixel, semantic) that predict the D cod
 read and written as usual through the LM head. Generated pixel codes are decoded to pixels by the tokenizer.
 """
 
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,7 +34,6 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, auto_docstring, logging
 from transformers.utils.logging import tqdm
@@ -60,10 +61,14 @@ EXTRA_AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText", "Au
 @dataclass
 class DualTokenCausalLMOutputWithPast(ModelOutput):
     r"""
-    loss (`torch.FloatTensor`, *optional*): eq. 6, the sum of `text_loss`, `pixel_loss` and `semantic_loss`.
-    text_loss (`torch.FloatTensor`, *optional*): next-token cross-entropy on text targets (eq. 7).
+    loss (`torch.FloatTensor`, *optional*): eq. 6, reduced as `config.loss_reduction` says. `"sequence"` (default):
+        the negative log-likelihood summed over every target (text targets and both branches' codes at every
+        depth of every image target) divided once by the number of target positions, i.e.
+        `(n_text * text_loss + n_image * (pixel_loss + semantic_loss)) / (n_text + n_image)`. `"per_term"`:
+        `text_loss + pixel_loss + semantic_loss`.
+    text_loss (`torch.FloatTensor`, *optional*): mean next-token cross-entropy over the `n_text` text targets (eq. 7).
     pixel_loss (`torch.FloatTensor`, *optional*): cross-entropy of the pixel codes at image targets, summed over
-        depths and averaged over positions (first half of eq. 8).
+        depths and averaged over the `n_image` image targets (first half of eq. 8).
     semantic_loss (`torch.FloatTensor`, *optional*): the same for the semantic codes (second half of eq. 8).
     logits (`torch.FloatTensor` of shape `(B, L, vocab)`): text logits.
     cache (`Cache`, *optional*): the LLM's key/value cache.
@@ -116,6 +121,31 @@ def _per_depth(value, depth: int, name: str) -> list:
             raise ValueError(f"{name} needs one value per depth ({depth}), got {len(value)}: {value}")
         return list(value)
     return [value] * depth
+
+
+def _check_setting(name: str, value, is_valid: Callable[[float], bool], allowed: str):
+    """`ValueError` unless `value` (`None`, a number, or a list with one per depth) is a number that `is_valid`
+    accepts; NaN fails every comparison, so it is rejected by any bound."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for index, item in enumerate(values):
+        if item is None:
+            continue
+        if isinstance(item, bool) or not isinstance(item, numbers.Real) or not is_valid(item):
+            label = f"{name}[{index}]" if isinstance(value, (list, tuple)) else name
+            raise ValueError(f"{label} must be {allowed}, got {item!r}")
+
+
+def _check_image_sampling_settings(guidance_scale, temperature, top_k, top_p, num_images_per_prompt):
+    """The sampling arguments of image generation, checked once before any position is sampled."""
+    _check_setting("guidance_scale", guidance_scale, lambda s: 0 <= s < math.inf, "a finite number >= 0")
+    _check_setting(
+        "temperature", temperature, lambda t: 0 < t < math.inf, "a finite number > 0 (do_sample=False: greedy)"
+    )
+    _check_setting("top_k", top_k, lambda k: isinstance(k, numbers.Integral) and k >= 0, "an int >= 0 (0: off)")
+    _check_setting("top_p", top_p, lambda p: 0 < p <= 1, "in (0, 1] (1: off)")
+    count = num_images_per_prompt
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
+        raise ValueError(f"num_images_per_prompt must be an int >= 1, got {count!r}")
 
 
 @auto_docstring
@@ -218,7 +248,7 @@ class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixi
     def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.LongTensor, torch.LongTensor]:
         """Images `(N, 3, H, W)` -> `(pixel_codes, semantic_codes)`, each `(N, h, w, D)`."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision_tokenizer):
-            encoded = self.vision_tokenizer.encode(pixel_values)
+            encoded = self.vision_tokenizer.encode(pixel_values, codes_only=True)
         return encoded.pixel_codes, encoded.semantic_codes
 
     def embed_image_codes(self, pixel_codes: torch.LongTensor, semantic_codes: torch.LongTensor) -> torch.Tensor:
@@ -261,25 +291,49 @@ class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixi
 
     # ------------------------------------------------------------------------------------------------- training
 
-    def _image_loss(self, branch, hidden_states, labels, image_mask, codes) -> torch.Tensor:
-        """eq. 8 for one branch: at each image target, the hidden state one position earlier predicts its D codes."""
-        target = labels[image_mask] == self.config.image_token_id
+    def _text_nll(self, logits, labels) -> torch.Tensor:
+        """eq. 7: the next-token negative log-likelihood of every text target, `(n_text,)` (labels that are -100 or
+        the image placeholder are not text targets)."""
+        next_labels = labels[:, 1:]
+        is_target = (next_labels != -100) & (next_labels != self.config.image_token_id)
+        return F.cross_entropy(logits[:, :-1][is_target].float(), next_labels[is_target], reduction="none")
+
+    def _image_nll(self, branch, hidden_states, predicting, target, codes) -> torch.Tensor:
+        """eq. 8 for one branch: the negative log-likelihood of each image target's D codes, summed over depth,
+        `(n_image,)`. `predicting` marks the hidden states (one position before each target) that feed the depth
+        head; `target` marks, in placeholder order, the image positions that are targets."""
         if not target.any():
-            return hidden_states.new_zeros(())
-        predicting = torch.zeros_like(image_mask)
-        predicting[:, :-1] = image_mask[:, 1:] & (labels[:, 1:] == self.config.image_token_id)
-        # (image positions, D) codes and (image positions, D, C) embeddings, in placeholder order
+            return hidden_states.new_zeros((0,), dtype=torch.float32)
+        # (n_image, D) codes and (n_image, D, C) embeddings, in placeholder order
         target_codes = codes.flatten(0, 2)[target]
         embeddings = self.vision_tokenizer.embed_codes(codes, branch, per_depth=True).flatten(0, 2)[target]
         logits = self._head(branch)(hidden_states[predicting], embeddings.to(hidden_states.dtype))
         per_depth = F.cross_entropy(logits.float().flatten(0, 1), target_codes.flatten(), reduction="none")
-        return per_depth.view_as(target_codes).sum(dim=1).mean()
+        return per_depth.view_as(target_codes).sum(dim=1)
 
-    def _text_loss(self, logits, labels) -> torch.Tensor:
-        text_labels = labels.masked_fill(labels == self.config.image_token_id, -100)
-        if not (text_labels[:, 1:] != -100).any():
-            return logits.new_zeros((), dtype=torch.float32)
-        return ForCausalLMLoss(logits, text_labels, vocab_size=self.config.text_config.vocab_size)
+    def _losses(self, logits, hidden_states, labels, image_mask, pixel_codes, semantic_codes) -> dict:
+        """eq. 6-8: `{"loss", "text_loss", "pixel_loss", "semantic_loss"}`, reduced per `config.loss_reduction`."""
+        text = self._text_nll(logits, labels)
+        nll = {"text": text, "pixel": text.new_zeros((0,)), "semantic": text.new_zeros((0,))}
+        if image_mask is not None and pixel_codes is not None:
+            # An image position whose label is the placeholder is a target, predicted from the position before it.
+            targets = image_mask & (labels == self.config.image_token_id)
+            targets[:, 0] = False  # nothing precedes the first position
+            predicting = torch.zeros_like(targets)
+            predicting[:, :-1] = targets[:, 1:]
+            for branch, codes in zip(BRANCHES, (pixel_codes, semantic_codes)):
+                nll[branch] = self._image_nll(branch, hidden_states, predicting, targets[image_mask], codes)
+        zero = text.new_zeros(())
+        means = {f"{name}_loss": values.mean() if values.numel() else zero for name, values in nll.items()}
+        # CODEPATH: `"sequence"` (eq. 6 as written) is the default of both presets and of every folder written here;
+        # `"per_term"` keeps the earlier per-term means for runs that ask for it. No unified checkpoint was released.
+        if self.config.loss_reduction == "per_term":
+            loss = means["text_loss"] + means["pixel_loss"] + means["semantic_loss"]
+        else:
+            num_target_positions = nll["text"].numel() + nll["pixel"].numel()
+            total = nll["text"].sum() + nll["pixel"].sum() + nll["semantic"].sum()
+            loss = total / num_target_positions if num_target_positions else zero
+        return {"loss": loss, **means}
 
     @auto_docstring
     def forward(
@@ -312,7 +366,8 @@ class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixi
 
         Returns:
             [`DualTokenCausalLMOutputWithPast`]: the text logits, the LLM's cache, hidden states and attentions when
-            requested, and with `labels` the loss of eq. 6 with its text, pixel and semantic terms.
+            requested, and with `labels` the loss of eq. 6 (reduced as `config.loss_reduction` says) with the means
+            of its text, pixel and semantic terms.
         """
         image_mask = None
         if inputs_embeds is None:
@@ -334,22 +389,14 @@ class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixi
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep])
 
-        loss = text_loss = pixel_loss = semantic_loss = None
+        losses = {}
         if labels is not None:
             if logits.shape[1] != labels.shape[1]:
                 raise ValueError("labels need logits for every position: leave logits_to_keep at 0")
-            text_loss = self._text_loss(logits, labels)
-            pixel_loss = semantic_loss = text_loss.new_zeros(())
-            if image_mask is not None and pixel_codes is not None:
-                pixel_loss = self._image_loss("pixel", hidden_states, labels, image_mask, pixel_codes)
-                semantic_loss = self._image_loss("semantic", hidden_states, labels, image_mask, semantic_codes)
-            loss = text_loss + pixel_loss + semantic_loss
+            losses = self._losses(logits, hidden_states, labels, image_mask, pixel_codes, semantic_codes)
 
         return DualTokenCausalLMOutputWithPast(
-            loss=loss,
-            text_loss=text_loss,
-            pixel_loss=pixel_loss,
-            semantic_loss=semantic_loss,
+            **losses,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
@@ -376,6 +423,24 @@ class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixi
         # The saved generation config carries the image guidance scale; text generation must not apply it.
         kwargs.setdefault("guidance_scale", None)
         return super().generate(*args, **kwargs)
+
+    def _check_image_prompts(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor):
+        """Image-generation prompts hold no image placeholder and leave the LLM's context room for one image."""
+        num_placeholders = int((input_ids == self.config.image_token_id).sum())
+        if num_placeholders:
+            raise ValueError(
+                f"generation_mode='image' takes text-only prompts, but input_ids hold {num_placeholders} image "
+                "placeholder tokens and no images can be given; use generation_mode='text' to ask about images"
+            )
+        context = getattr(self.config.text_config, "max_position_embeddings", None)
+        num_positions = self.config.num_image_tokens
+        longest = int(attention_mask.sum(dim=-1).max())
+        if context is not None and longest + num_positions > context:
+            raise ValueError(
+                f"prompts must leave room for an image of {num_positions} positions in the context of {context} "
+                f"(text_config.max_position_embeddings), got a prompt of {longest} tokens; shorten prompts to at most "
+                f"{context - num_positions} tokens"
+            )
 
     def _unconditional_input_ids(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> torch.LongTensor:
         """Classifier-free guidance prompt: every prompt token but the final begin-of-image becomes padding."""
@@ -466,6 +531,12 @@ class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixi
         Returns:
             Pixel codes `(B * num_images_per_prompt, h, w, D)` (decode with `decode_image_tokens`), or the output
             dataclass.
+
+        Raises:
+            `ValueError`, before anything is sampled: prompts that do not end with the begin-of-image token, hold
+            image placeholders or leave the LLM's context no room for an image; a negative or NaN `guidance_scale`;
+            `temperature` <= 0 or NaN, `top_k` < 0, `top_p` outside (0, 1] (for per-depth lists: any entry, or a
+            list whose length is not the depth).
         """
         generation_config = generation_config or self.generation_config
         if guidance_scale is None:
@@ -485,6 +556,8 @@ class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixi
                 "every prompt must end with the begin-of-image token (left padding); build prompts with "
                 "DualTokenProcessor(text=..., generation_mode='image')"
             )
+        self._check_image_prompts(input_ids, attention_mask)
+        _check_image_sampling_settings(guidance_scale, temperature, top_k, top_p, num_images_per_prompt)
 
         input_ids = input_ids.repeat_interleave(num_images_per_prompt, dim=0)
         attention_mask = attention_mask.repeat_interleave(num_images_per_prompt, dim=0)

@@ -30,7 +30,25 @@ from transformers.activations import ACT2FN
 from .configuration_dualtoken import DualTokenDepthHeadConfig, DualTokenQuantizerConfig
 
 
-SlotCache = list[tuple[torch.Tensor, torch.Tensor] | None]
+class DepthSlotCache:
+    """One depth layer's keys and values of the slots run so far, written into buffers preallocated for all D slots
+    (no concatenation per slot). Allocated at the first update, when the batch size is known."""
+
+    def __init__(self, depth: int):
+        self.depth = depth
+        self.length = 0
+        self.keys = self.values = None
+
+    def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new slots' `key` and `value` `(N, heads, S, head_dim)`; return those of every slot so far."""
+        if self.keys is None:
+            shape = (*key.shape[:2], self.depth, key.shape[-1])
+            self.keys, self.values = key.new_empty(shape), value.new_empty(shape)
+        end = self.length + key.shape[2]
+        self.keys[:, :, self.length : end] = key
+        self.values[:, :, self.length : end] = value
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
 
 
 class DualTokenDepthAttention(nn.Module):
@@ -45,19 +63,17 @@ class DualTokenDepthAttention(nn.Module):
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.out = nn.Linear(hidden_size, hidden_size)
 
-    def forward(
-        self, hidden_states: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """`hidden_states` `(N, S, W)`: S new slots. With `past` (keys and values of the slots before), S must be 1."""
+    def forward(self, hidden_states: torch.Tensor, cache: DepthSlotCache | None = None) -> torch.Tensor:
+        """`hidden_states` `(N, S, W)`: S new slots. With `cache` (the slots before), S must be 1."""
         batch, slots, width = hidden_states.shape
         query, key, value = (
             self.qkv(hidden_states).view(batch, slots, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         )
-        if past is not None:
-            key, value = torch.cat((past[0], key), dim=2), torch.cat((past[1], value), dim=2)
+        if cache is not None:
+            key, value = cache.update(key, value)
         # A single new slot sees every earlier slot; a block of slots without cache attends causally.
-        attended = F.scaled_dot_product_attention(query, key, value, is_causal=past is None and slots > 1)
-        return self.out(attended.transpose(1, 2).reshape(batch, slots, width)), (key, value)
+        attended = F.scaled_dot_product_attention(query, key, value, is_causal=cache is None and slots > 1)
+        return self.out(attended.transpose(1, 2).reshape(batch, slots, width))
 
 
 class DualTokenDepthMLP(nn.Module):
@@ -83,10 +99,9 @@ class DualTokenDepthLayer(GradientCheckpointingLayer):
         self.mlp_norm = nn.LayerNorm(hidden_size, eps=eps)
         self.mlp = DualTokenDepthMLP(hidden_size, intermediate_size, hidden_act)
 
-    def forward(self, hidden_states, past=None):
-        attended, present = self.attention(self.attention_norm(hidden_states), past)
-        hidden_states = hidden_states + attended
-        return hidden_states + self.mlp(self.mlp_norm(hidden_states)), present
+    def forward(self, hidden_states, cache: DepthSlotCache | None = None):
+        hidden_states = hidden_states + self.attention(self.attention_norm(hidden_states), cache)
+        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
 
 
 class DualTokenDepthTransformer(nn.Module):
@@ -122,12 +137,10 @@ class DualTokenDepthTransformer(nn.Module):
         source = self.input_projection(hidden_states) if slot == 0 else self.code_projection(code_embedding_sum)
         return source + self.slot_embeddings.weight[slot]
 
-    def _run_layers(self, slot_inputs: torch.Tensor, cache: SlotCache | None = None) -> torch.Tensor:
+    def _run_layers(self, slot_inputs: torch.Tensor, cache: list[DepthSlotCache] | None = None) -> torch.Tensor:
         hidden_states = slot_inputs
         for index, layer in enumerate(self.layers):
-            hidden_states, present = layer(hidden_states, None if cache is None else cache[index])
-            if cache is not None:
-                cache[index] = present
+            hidden_states = layer(hidden_states, None if cache is None else cache[index])
         return self.norm(hidden_states)
 
     def forward(self, hidden_states: torch.Tensor, code_embeddings: torch.Tensor) -> torch.Tensor:
@@ -169,7 +182,7 @@ class DualTokenDepthTransformer(nn.Module):
         Returns:
             `(codes (N, D), embedding_sum (N, code_dim))`: the chosen codes and their embeddings summed over depth.
         """
-        cache: SlotCache | None = [None] * len(self.layers) if use_cache else None
+        cache = [DepthSlotCache(self.depth) for _ in self.layers] if use_cache else None
         slot_inputs = [self._slot_input(0, hidden_states=hidden_states)]
         codes, embedding_sum = [], None
         for d in range(self.depth):

@@ -192,39 +192,94 @@ class DualTokenVisionModel(DualTokenVisionPreTrainedModel):
         self.post_init()
 
     @classmethod
-    def from_siglip(cls, name_or_path, preset: str = "paper", **config_overrides) -> "DualTokenVisionModel":
+    def from_siglip(
+        cls, name_or_path, preset: str = "paper", use_safetensors: bool = True, **config_overrides
+    ) -> "DualTokenVisionModel":
         """Start a tokenizer from a pretrained SigLIP vision tower, as the paper does.
 
-        `name_or_path` is anything `SiglipVisionModel.from_pretrained` accepts (a full SigLIP checkpoint works too).
-        The tokenizer layout comes from `preset` plus `config_overrides`; the tower's own config replaces the
-        preset's. Projections, codebooks and the pixel decoder start from random initialisation.
+        `name_or_path` is anything `SiglipVisionModel.from_pretrained` accepts (a full SigLIP checkpoint works too);
+        its weights are read from safetensors files only unless `use_safetensors=False` (pickled `.bin` weights of
+        a trusted checkpoint). The tokenizer layout comes from `preset` plus `config_overrides`; the tower's own
+        config replaces the preset's. Projections, codebooks and the pixel decoder start from random initialisation.
+        `name_or_path` is recorded as `config.siglip_name_or_path`, the teacher of later training (eq. 4).
         """
-        tower = SiglipVisionModel.from_pretrained(name_or_path)
-        config = DualTokenVisionConfig.from_preset(preset, siglip_config=tower.config.to_dict(), **config_overrides)
+        tower = SiglipVisionModel.from_pretrained(name_or_path, use_safetensors=use_safetensors)
+        config = DualTokenVisionConfig.from_preset(
+            preset, siglip_config=tower.config.to_dict(), siglip_name_or_path=str(name_or_path), **config_overrides
+        )
         model = cls(config)
         model.siglip.load_state_dict(tower.state_dict())
         return model
 
     def _check_pixel_values(self, pixel_values: torch.Tensor):
-        size = self.config.image_size
-        expected = (self.config.siglip_config.num_channels, size, size)
-        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1:] != expected:
-            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+        """The checks of `encode`'s input: one reduction for the values, the rest from the tensor's metadata."""
+        if not isinstance(pixel_values, torch.Tensor):
             raise ValueError(
-                f"pixel_values must be a tensor of shape (batch, {', '.join(map(str, expected))}), got {shape}; "
-                "use DualTokenImageProcessor to resize and normalize images"
+                f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}; use DualTokenImageProcessor"
+                "(..., return_tensors='pt') to turn images into pixel_values"
             )
+        size, channels = self.config.image_size, self.config.siglip_config.num_channels
+        expected = f"(batch, {channels}, {size}, {size})"
+        if pixel_values.dim() != 4:
+            raise ValueError(
+                f"pixel_values must have 4 dimensions {expected}, got {pixel_values.dim()} with shape "
+                f"{tuple(pixel_values.shape)}; add a batch dimension with pixel_values[None]"
+            )
+        if pixel_values.shape[0] == 0:
+            raise ValueError(f"pixel_values must hold at least one image, got shape {tuple(pixel_values.shape)}")
+        if pixel_values.shape[1] != channels:
+            raise ValueError(
+                f"pixel_values must have shape {expected} with {channels} channels first, got "
+                f"{tuple(pixel_values.shape)}"
+            )
+        if pixel_values.shape[2:] != (size, size):
+            raise ValueError(
+                f"pixel_values must have shape {expected} ({size} px is the config's image_size), got "
+                f"{tuple(pixel_values.shape)}; use DualTokenImageProcessor to resize and crop images"
+            )
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                f"pixel_values must be a floating-point tensor in [-1, 1], got {pixel_values.dtype}; use "
+                "DualTokenImageProcessor to rescale and normalize 8-bit images"
+            )
+        if pixel_values.device.type != "meta":  # meta tensors carry shapes, not values
+            # min and max propagate NaN and inf: one reduction, about 10x cheaper than `isfinite(...).all()` on a CPU
+            if not torch.isfinite(torch.stack(torch.aminmax(pixel_values.detach()))).all():
+                raise ValueError("pixel_values must be finite, got NaN or inf values")
+
+    def _check_codes(self, codes: torch.Tensor, branch: str):
+        """The checks of codes handed to `decode` and `semantic_features_from_codes`, naming the branch."""
+        name = f"{branch}_codes"
+        side, quantizer = self.config.grid_size, self.quantizer(branch)
+        expected = f"(batch, {side}, {side}, {quantizer.depth})"
+        if not isinstance(codes, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor {expected}, got {type(codes).__name__}")
+        if codes.dim() != 4 or codes.shape[1:] != (side, side, quantizer.depth) or codes.shape[0] == 0:
+            raise ValueError(f"{name} must have shape {expected} with batch >= 1, got {tuple(codes.shape)}")
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got {codes.dtype}")
+        if codes.device.type != "meta":  # meta tensors carry shapes, not values
+            low, high = torch.aminmax(codes)
+            if low < 0 or high >= quantizer.codebook_size:
+                raise ValueError(
+                    f"{name} must be in [0, {quantizer.codebook_size}), got min {low.item()} and max {high.item()}"
+                )
 
     def _to_grid(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, h*w, C) sequence in raster order -> (B, h, w, C) grid."""
         side = self.config.grid_size
         return hidden_states.unflatten(1, (side, side))
 
-    def encode(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> DualTokenVisionOutput:
+    def encode(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, codes_only: bool = False
+    ) -> DualTokenVisionOutput:
         """Tokenize normalized images `(B, 3, H, W)` in [-1, 1] into pixel and semantic codes.
 
         Runs no block past the semantic layer unless `config.semantic_feedback` is set (then the remaining blocks
-        and the pooling head run on the quantized semantic features).
+        and the pooling head run on the quantized semantic features). `codes_only=True` (tokenizing a dataset, the
+        unified model reading images) stops after the two quantizers: no block past the semantic layer, no
+        post-layernorm and no pooling head run, and `semantic_features`, `last_hidden_state` and `pooler_output`
+        are `None`; the codes are the same.
         """
         self._check_pixel_values(pixel_values)
         config = self.config
@@ -250,19 +305,21 @@ class DualTokenVisionModel(DualTokenVisionPreTrainedModel):
         semantic_latents = self.semantic_projection(self._to_grid(hidden_states))
         semantic = self.semantic_quantizer(semantic_latents)
 
-        # CODEPATH: both official releases (paper/v1 and v2) and every preset feed the quantized semantics back
-        # through the remaining blocks and the pooling head. `semantic_feedback=False` is no released checkpoint: it
-        # is the ablation that pools the unquantized semantic layer (kept for experiments, covered by the tests).
-        if config.semantic_feedback:
-            semantic_features = self.semantic_up_projection(semantic.quantized_latents).flatten(1, 2)
-            hidden_states = semantic_features
-            for layer in layers[config.semantic_layer :]:
-                hidden_states = layer(hidden_states, None)
-                all_hidden_states.append(hidden_states)
-        else:
-            semantic_features = hidden_states
-        last_hidden_state = self.siglip.post_layernorm(hidden_states)
-        pooler_output = self.siglip.head(last_hidden_state) if self.siglip.use_head else None
+        semantic_features = last_hidden_state = pooler_output = None
+        if not codes_only:
+            # CODEPATH: both official releases (paper/v1 and v2) and every preset feed the quantized semantics back
+            # through the remaining blocks and the pooling head. `semantic_feedback=False` is no released checkpoint:
+            # it is the ablation that pools the unquantized semantic layer (kept for experiments, covered by tests).
+            if config.semantic_feedback:
+                semantic_features = self.semantic_up_projection(semantic.quantized_latents).flatten(1, 2)
+                hidden_states = semantic_features
+                for layer in layers[config.semantic_layer :]:
+                    hidden_states = layer(hidden_states, None)
+                    all_hidden_states.append(hidden_states)
+            else:
+                semantic_features = hidden_states
+            last_hidden_state = self.siglip.post_layernorm(hidden_states)
+            pooler_output = self.siglip.head(last_hidden_state) if self.siglip.use_head else None
 
         return DualTokenVisionOutput(
             pixel_codes=pixel.codes,
@@ -296,6 +353,7 @@ class DualTokenVisionModel(DualTokenVisionPreTrainedModel):
     def semantic_features_from_codes(self, semantic_codes: torch.LongTensor) -> torch.Tensor:
         """Semantic codes `(B, h, w, D)` -> the features `(B, h*w, hidden)` that replace the semantic layer's
         output (the up-projection of the summed code embeddings)."""
+        self._check_codes(semantic_codes, "semantic")
         embeddings = self.embed_codes(semantic_codes, "semantic")
         return self.semantic_up_projection(embeddings).flatten(1, 2)
 
@@ -304,9 +362,7 @@ class DualTokenVisionModel(DualTokenVisionPreTrainedModel):
 
         The decoder output is not clamped; `DualTokenImageProcessor.postprocess` clamps when converting to images.
         """
-        side = self.config.grid_size
-        if pixel_codes.dim() != 4 or pixel_codes.shape[1:3] != (side, side):
-            raise ValueError(f"pixel_codes must have shape (batch, {side}, {side}, depth), got {tuple(pixel_codes.shape)}")
+        self._check_codes(pixel_codes, "pixel")
         return self.decode_embeddings(self.embed_codes(pixel_codes, "pixel"))
 
     def decode_embeddings(self, pixel_embeddings: torch.Tensor) -> torch.Tensor:

@@ -201,7 +201,8 @@ class DualTokenProcessor(ProcessorMixin):
 
         Raises:
             `ValueError`: for an unknown `generation_mode`, text that is not a string or a list of strings, images in
-            `generation_mode="image"`, or a number of placeholders that differs from the number of images.
+            `generation_mode="image"`, or a number of placeholders that differs from the number of images (prompt
+            by prompt when images come as one list per prompt).
         """
         generation_mode = kwargs.pop("generation_mode", self.generation_mode)
         use_chat_template = kwargs.pop("use_chat_template", True)
@@ -225,6 +226,8 @@ class DualTokenProcessor(ProcessorMixin):
             images, images_per_prompt = _flatten_images(images)
             if text is not None and not any(self.image_token in prompt for prompt in text):
                 text = self._prepend_placeholders(text, len(images), images_per_prompt)
+            elif text is not None and images_per_prompt is not None and len(images_per_prompt) == len(text):
+                self._check_placeholders_per_prompt(text, images_per_prompt)
 
         return super().__call__(images=images, text=text, **kwargs)
 
@@ -254,6 +257,17 @@ class DualTokenProcessor(ProcessorMixin):
                 "one list of images per prompt."
             )
         return [self.image_token * count + prompt for prompt, count in zip(text, counts)]
+
+    def _check_placeholders_per_prompt(self, text: list[str], images_per_prompt: list[int]):
+        """With one list of images per prompt, each prompt's placeholders are its own images: the counts must match
+        prompt by prompt, not only in total, or an image would silently go to the next prompt."""
+        for index, (prompt, num_images) in enumerate(zip(text, images_per_prompt)):
+            num_placeholders = prompt.count(self.image_token)
+            if num_placeholders != num_images:
+                raise ValueError(
+                    f"Prompt {index} holds {num_placeholders} {self.image_token} placeholder(s) but its list has "
+                    f"{num_images} image(s); each prompt needs one {self.image_token} per image of its own list."
+                )
 
     def _image_generation_prompt(self, prompt: str, use_chat_template: bool) -> str:
         if self.image_token in prompt:

@@ -27,6 +27,11 @@ from transformers.utils import ModelOutput, auto_docstring
 from .configuration_dualtoken import DualTokenQuantizerConfig
 
 
+# Codebook columns per block of the CPU nearest-code search: a block of distances stays in cache instead of a
+# (positions x K) matrix (96 MB per image and depth at K = 32768) making several trips through memory.
+SEARCH_BLOCK = 2048
+
+
 @auto_docstring(custom_intro="Output of [`DualTokenResidualQuantizer`].")
 @dataclass
 class ResidualQuantizerOutput(ModelOutput):
@@ -113,12 +118,17 @@ class DualTokenResidualQuantizer(nn.Module):
             partial_sum = torch.zeros_like(residual)
             partial_sums, depth_codes, depth_residuals = [], [], []
             update_per_depth = self.training and self.ema_update_per_depth
+            codebook_norms = {}  # per codebook, until its next EMA rewrite
             for d in range(self.depth):
-                codes_d = self._nearest_codes(residual, d)
+                index = self._codebook_index(d)
+                if index not in codebook_norms:
+                    codebook_norms[index] = self._codebook_norms(index)
+                codes_d = self._nearest_codes(residual, index, codebook_norms[index])
                 # The embeddings come from the table *before* this depth's EMA rewrite (official order).
-                embeddings_d = self.codebook[self._codebook_index(d)][codes_d].float()
+                embeddings_d = self.codebook[index][codes_d].float()
                 if update_per_depth:
-                    self._ema_update(self._codebook_index(d), residual, codes_d)
+                    self._ema_update(index, residual, codes_d)
+                    del codebook_norms[index]
                 depth_residuals.append(residual)
                 depth_codes.append(codes_d)
                 residual = residual - embeddings_d
@@ -202,14 +212,35 @@ class DualTokenResidualQuantizer(nn.Module):
                 raise ValueError(f"codes must be in [0, {self.codebook_size}), got min {low} and max {high}")
 
     @torch.no_grad()
-    def _nearest_codes(self, residual: torch.Tensor, d: int) -> torch.LongTensor:
-        # ||r||^2 + ||e||^2 - 2 r.e in one addmm, exactly as the official code, so near-ties resolve the same way.
-        codebook_t = self.codebook[self._codebook_index(d)].float().t()
+    def _codebook_norms(self, index: int) -> torch.Tensor:
+        """`(1, K)` squared norms of codebook `index`, reduced exactly as the official code does."""
+        return self.codebook[index].float().t().pow(2.0).sum(dim=0, keepdim=True)
+
+    @torch.no_grad()
+    def _nearest_codes(self, residual: torch.Tensor, index: int, codebook_norms: torch.Tensor) -> torch.LongTensor:
+        """The nearest code of codebook `index` to each residual: argmin of ||r||^2 + ||e||^2 - 2 r.e.
+
+        Every distance is the official one bit for bit (the same fp32 sum, then one addmm per column block, whose
+        columns the CPU matmul computes exactly as in the official single addmm), so near-ties resolve the same way.
+        On the CPU the columns go in blocks of `SEARCH_BLOCK` that stay in cache, keeping the first minimum across
+        blocks as argmin does; other devices run the single addmm.
+        """
+        codebook_t = self.codebook[index].float().t()
         flat = residual.reshape(-1, self.code_dim)
         residual_sq = flat.pow(2.0).sum(dim=1, keepdim=True)
-        codebook_sq = codebook_t.pow(2.0).sum(dim=0, keepdim=True)
-        distances = torch.addmm(residual_sq + codebook_sq, flat, codebook_t, alpha=-2.0)
-        return distances.argmin(dim=-1).reshape(residual.shape[:-1])
+        block = SEARCH_BLOCK if flat.device.type == "cpu" else self.codebook_size
+        best_distances = best_codes = None
+        for start in range(0, self.codebook_size, block):
+            columns = slice(start, start + block)
+            distances = (residual_sq + codebook_norms[:, columns]).addmm_(flat, codebook_t[:, columns], alpha=-2.0)
+            block_distances, block_codes = distances.min(dim=1)
+            if best_codes is None:
+                best_distances, best_codes = block_distances, block_codes
+            else:
+                closer = block_distances < best_distances  # strict: an equal distance keeps the earlier code
+                best_distances = torch.where(closer, block_distances, best_distances)
+                best_codes = torch.where(closer, block_codes + start, best_codes)
+        return best_codes.reshape(residual.shape[:-1])
 
     @torch.no_grad()
     def _ema_update_after_all_depths(self, depth_residuals: list[torch.Tensor], depth_codes: list[torch.Tensor]):

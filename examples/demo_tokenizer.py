@@ -118,7 +118,7 @@ def main(args: argparse.Namespace):
     start = time.perf_counter()
     train_tokenizer.main(train_args)
     training_seconds = time.perf_counter() - start
-    after = reconstruct(DualTokenVisionModel.from_pretrained(run_dir), held_out)
+    after = reconstruct(DualTokenVisionModel.from_pretrained(run_dir, use_safetensors=True), held_out)
 
     scores = {
         label: (psnr(images, held_out, data_range=2.0), ssim((images + 1) / 2, (held_out + 1) / 2, data_range=1.0))

@@ -76,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = DualTokenVisionModel.from_pretrained(args.model).to(device).eval()
+    model = DualTokenVisionModel.from_pretrained(args.model, use_safetensors=True).to(device).eval()
     processor = DualTokenImageProcessor.from_pretrained(args.model)
     images = ImageFolder(args.data_dir, max_images=args.max_images)
 

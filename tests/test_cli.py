@@ -1,14 +1,18 @@
 """The `dualtoken` command line: every subcommand on tiny models and real photos, and its error paths."""
 
 import argparse
+import hashlib
 import json
 import os
+import pickle
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import time
 from importlib.metadata import entry_points
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -35,8 +39,12 @@ from dualtoken_hf import (
     DualTokenVisionConfig,
     DualTokenVisionModel,
 )
-from dualtoken_hf.hub import export as hub_export
 from dualtoken_hf.cli import SUBCOMMANDS, build_parser, main
+from dualtoken_hf.cli.files import load_codes, save_codes
+from dualtoken_hf.cli.fingerprint import tokenizer_fingerprint
+from dualtoken_hf.convert import load_official_checkpoint, official_to_hf
+from dualtoken_hf.convert.checkpoint import convert_official_checkpoint
+from dualtoken_hf.hub import export as hub_export
 from dualtoken_hf.hub.export import EXPORT_CHECK_FILE
 from dualtoken_hf.testing import build_tiny_unified
 
@@ -195,6 +203,82 @@ def test_convert_official_refuses_shared_codebook_copies_that_differ(official, t
     run_failing(capsys, argv + write_configs(official, tmp_path), "convert-official", "differ")
 
 
+def test_python_api_converts_a_checkpoint_with_its_stored_configs(official, tmp_path):
+    checkpoint = tmp_path / "epoch_3.pt"
+    configs = {
+        "rqvaesiglip_config": json.dumps(official.official_config),
+        "siglip_vision_config": json.dumps(official.siglip_vision_config),
+    }
+    write_official_checkpoint(checkpoint, official.state, ddp=official.version == "v2", **configs)
+
+    state_dict, official_config, siglip_vision_config = load_official_checkpoint(checkpoint)
+    assert (official_config, siglip_vision_config) == (official.official_config, official.siglip_vision_config)
+    assert set(state_dict) == set(official.state)  # DDP prefixes stripped
+    from_file = official_to_hf(state_dict, official.preset, official_config, siglip_vision_config)
+    # The whole checkpoint dict, as torch.load gives it, works too: its stored configs are used.
+    from_dict = official_to_hf(torch.load(checkpoint, weights_only=True), official.preset)
+    for config, converted in (from_file, from_dict):
+        model = DualTokenVisionModel(config).eval()
+        model.load_state_dict(converted)
+        with torch.no_grad():
+            assert torch.equal(model.encode(official.io["input.images"]).pixel_codes, official.io["encode.pixel.codes"])
+
+
+def test_python_api_explains_a_state_without_its_configs(official):
+    codebook = f"{'quantizer' if official.version == 'v1' else 'quantizer_pix'}.codebooks.4.weight"
+    pattern = f"the checkpoint lacks the official key {codebook}; no official config was given, so the full-size"
+    with pytest.raises(ValueError, match=re.escape(pattern)) as raised:
+        official_to_hf(official.state, official.preset)
+    assert "load_official_checkpoint" in str(raised.value)
+
+
+def test_python_api_names_the_other_version(official):
+    other = "v2" if official.preset == "paper" else "paper"
+    with pytest.raises(ValueError, match=f"has the official '{official.preset}' layout, not '{other}'.*--version"):
+        official_to_hf(official.state, other, official.official_config, official.siglip_vision_config)
+
+
+def test_python_api_explains_configs_that_do_not_fit(official):
+    siglip = dict(official.siglip_vision_config)
+    siglip["intermediate_size"] *= 2
+    checkpoint = SimpleNamespace(state_dict=official.state, configs={}, path=Path("epoch_3.pt"))
+    with pytest.raises(ValueError, match="size mismatch.*does not match the given configs"):
+        convert_official_checkpoint(checkpoint, official.preset, official.official_config, siglip)
+
+
+NOT_CHECKPOINTS = {
+    "notes.txt": (b"remember: convert the epoch 20 checkpoint\n", "(it looks like a text file)"),
+    "photo.jpg": (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256)), "(it looks like a JPEG image)"),
+    "empty.pt": (b"", "(it is empty)"),
+    "random.safetensors": (bytes(range(256)) * 4, "is not a checkpoint"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_CHECKPOINTS))
+def test_convert_official_says_in_one_line_that_a_file_is_no_checkpoint(name, tmp_path, capsys):
+    data, phrase = NOT_CHECKPOINTS[name]
+    (tmp_path / name).write_bytes(data)
+    argv = ["convert-official", "--version", "v2", str(tmp_path / name), str(tmp_path / "out")]
+    line = run_failing(capsys, argv, "convert-official", f"{str(tmp_path / name)!r} is not a checkpoint: neither")
+    assert phrase in line and "weights_only" not in line and "--allow-pickle" not in line
+    # --allow-pickle changes nothing for a file that is no pickle: it is never handed to torch.load
+    run_failing(capsys, argv + ["--allow-pickle"], "convert-official", "is not a checkpoint")
+
+
+@pytest.mark.parametrize(
+    "data, phrase",
+    [
+        pytest.param(pickle.dumps({"weights": [1, 2, 3]}, protocol=4), "Unsupported operand", id="plain-pickle"),
+        pytest.param(b"PK\x03\x04" + bytes(60), "PytorchStreamReader", id="damaged-zip"),
+    ],
+)
+def test_convert_official_does_not_suggest_allow_pickle_for_a_damaged_checkpoint(data, phrase, tmp_path, capsys):
+    (tmp_path / "epoch_3.pt").write_bytes(data)
+    argv = ["convert-official", "--version", "v2", str(tmp_path / "epoch_3.pt"), str(tmp_path / "out")]
+    line = run_failing(capsys, argv, "convert-official", "as a PyTorch checkpoint")
+    assert phrase in line and "--allow-pickle" not in line and "weights_only" not in line
+
+
 # ------------------------------------------------------------------------------------------------------- init
 
 
@@ -269,6 +353,93 @@ def test_tokenize_then_detokenize_photos(tokenizer_folder, photos, tmp_path):
     assert not output.exists()
 
 
+@pytest.fixture(scope="module")
+def photo_codes(tokenizer_folder, photos, tmp_path_factory):
+    """A code file of two photos written by `dualtoken tokenize` with `tokenizer_folder`."""
+    codes_file = tmp_path_factory.mktemp("codes") / "codes.safetensors"
+    images = [str(photos / "astronaut.png"), str(photos / "chelsea.jpg")]
+    assert main(["tokenize", "--model", str(tokenizer_folder), *images, "--output", str(codes_file)]) == 0
+    return codes_file
+
+
+def saved_tokenizer(folder, seed: int, change=None):
+    """A tiny tokenizer folder from `seed`, with `change(model)` applied before saving."""
+    torch.manual_seed(seed)
+    model = DualTokenVisionModel(DualTokenVisionConfig.from_preset("tiny"))
+    if change is not None:
+        change(model)
+    model.save_pretrained(folder)
+    DualTokenImageProcessor.from_preset("tiny").save_pretrained(folder)
+    return folder
+
+
+def detokenize(model, codes_file, output, *extra) -> int:
+    return main(["detokenize", "--model", str(model), str(codes_file), "--output", str(output), *extra])
+
+
+def test_the_code_file_records_the_fingerprint_of_its_tokenizer(tokenizer_folder, photo_codes):
+    with safe_open(photo_codes, "pt") as handle:
+        fingerprint = json.loads(handle.metadata()["fingerprint"])
+    tokenizer = DualTokenVisionModel.from_pretrained(tokenizer_folder)
+    assert fingerprint == tokenizer_fingerprint(tokenizer)
+    assert fingerprint["grid_size"] == 8
+    assert (fingerprint["pixel"]["codebook_size"], fingerprint["pixel"]["depth"]) == (256, 4)
+    codebooks = tokenizer.pixel_quantizer.codebook.float().contiguous().numpy().tobytes()
+    assert fingerprint["pixel"]["codebooks_sha256"] == hashlib.sha256(codebooks).hexdigest()
+
+
+def test_detokenize_refuses_codes_of_another_tokenizer_unless_forced(photo_codes, tmp_path, capsys):
+    other = saved_tokenizer(tmp_path / "other", seed=1)
+    line = run_failing(capsys, ["detokenize", "--model", str(other), str(photo_codes), "--output",
+                                str(tmp_path / "d.png")], "detokenize", "was written by another tokenizer")
+    assert "pixel codebooks differ" in line and "--force" in line
+    assert not (tmp_path / "d-0.png").exists()
+
+    assert detokenize(other, photo_codes, tmp_path / "d.png", "--force") == 0
+    assert "warning:" in capsys.readouterr().err and (tmp_path / "d-1.png").is_file()
+
+
+def test_detokenize_accepts_a_tokenizer_with_the_same_codebooks(photo_codes, tmp_path):
+    # Same seed, so the same codebooks; only the decoder differs (e.g. a decoder fine-tuned on frozen codes).
+    def retrain_decoder(model):
+        with torch.no_grad():
+            model.pixel_decoder.decoder.conv_out.bias.add_(0.5)
+
+    retrained = saved_tokenizer(tmp_path / "retrained", seed=0, change=retrain_decoder)
+    assert detokenize(retrained, photo_codes, tmp_path / "d.png") == 0
+
+
+def test_detokenize_refuses_a_code_file_without_a_fingerprint_unless_forced(tokenizer_folder, photo_codes, tmp_path,
+                                                                            capsys):
+    codes, metadata = load_codes(photo_codes)
+    unrecorded = tmp_path / "unrecorded.safetensors"
+    save_codes(unrecorded, codes["pixel_codes"], codes["semantic_codes"], ["a.png", "b.png"], metadata["model"])
+    run_failing(capsys, ["detokenize", "--model", str(tokenizer_folder), str(unrecorded), "--output",
+                         str(tmp_path / "d.png")], "detokenize", "records no tokenizer fingerprint")
+    assert detokenize(tokenizer_folder, unrecorded, tmp_path / "d.png", "--force") == 0
+
+
+@pytest.mark.parametrize(
+    "change, phrase",
+    [
+        (lambda codes: codes + 1000, "pixel_codes in '{codes}' must be in [0, 256) for the tokenizer"),
+        (lambda codes: codes - codes.max() - 1, "must be in [0, 256)"),
+        (lambda codes: codes[:, :4, :4], "holds 4x4 positions of 4 pixel codes each, but the tokenizer"),
+        (lambda codes: codes[..., :2], "holds 8x8 positions of 2 pixel codes each, but the tokenizer"),
+    ],
+    ids=["above-codebook", "negative", "other-grid", "other-depth"],
+)
+def test_detokenize_always_refuses_codes_that_do_not_fit_the_tokenizer(change, phrase, tokenizer_folder,
+                                                                       photo_codes, tmp_path, capsys):
+    codes, metadata = load_codes(photo_codes)
+    bad = tmp_path / "bad.safetensors"
+    pixel_codes = change(codes["pixel_codes"])
+    fingerprint = json.loads(metadata["fingerprint"])
+    save_codes(bad, pixel_codes, pixel_codes.clone(), ["a.png", "b.png"], metadata["model"], fingerprint)
+    argv = ["detokenize", "--model", str(tokenizer_folder), str(bad), "--output", str(tmp_path / "d.png")]
+    run_failing(capsys, argv + ["--force"], "detokenize", phrase.format(codes=bad))
+
+
 def test_tokenize_reads_the_vision_tokenizer_of_a_unified_folder(unified_folder, photos, tmp_path):
     codes_file = tmp_path / "codes.safetensors"
     argv = ["tokenize", "--model", str(unified_folder), str(photos / "chelsea.jpg"), "--output", str(codes_file)]
@@ -329,6 +500,21 @@ def test_describe_prints_the_greedy_answer(unified_folder, photos, capsys):
     )
     generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert printed == processor.post_process_image_text_to_text(generated[:, inputs["input_ids"].shape[1] :])[0].strip()
+
+
+def test_describe_bounds_the_answer_by_the_model_context(unified_folder, photos, capsys):
+    argv = ["describe", "--model", str(unified_folder), str(photos / "chelsea.jpg"), "--device", "cpu"]
+    line = run_failing(capsys, argv + ["--max-new-tokens", "100000000"], "describe", "--max-new-tokens must be at most")
+    left, prompt = map(int, re.search(r"at most (\d+) .* minus the prompt's (\d+)\), got 100000000", line).groups())
+    assert left + prompt == 1024  # the tiny LLM's max_position_embeddings
+    assert prompt > 64  # the 8 x 8 image positions are part of the prompt
+    run_failing(capsys, argv + ["--max-new-tokens", str(left + 1)], "describe", f"at most {left} for this prompt")
+
+
+def test_describe_refuses_a_prompt_that_fills_the_context(unified_folder, photos, capsys):
+    argv = ["describe", "--model", str(unified_folder), str(photos / "chelsea.jpg"), "--device", "cpu"]
+    line = run_failing(capsys, argv + ["--prompt", "the cat " * 600], "describe", "leaves none of the model's context")
+    assert "1024 (max_position_embeddings)" in line and "shorten --prompt" in line
 
 
 @pytest.mark.parametrize("command", ["generate", "describe"])
@@ -410,7 +596,7 @@ def test_push_uploads_a_checked_folder_without_its_check_file(exported_tokenizer
     ]
     upload = fake_hub[3][1]
     assert upload["folder_path"] == str(exported_tokenizer) and upload["revision"] == "v1"
-    assert upload["ignore_patterns"] == [EXPORT_CHECK_FILE]
+    assert EXPORT_CHECK_FILE in upload["ignore_patterns"]
 
 
 def test_push_refuses_folders_that_did_not_pass_the_check(tokenizer_folder, exported_tokenizer, tmp_path, fake_hub,
@@ -459,7 +645,7 @@ ERROR_CASES = {
     "codes file that is not safetensors": ("detokenize --model {tokenizer} {photos}/broken.png --output {tmp}/r.png",
                                            "as a safetensors code file"),
     "missing checkpoint": ("convert-official --version v2 {root}/epoch_1.pt {tmp}/out", "no such checkpoint file"),
-    "unreadable checkpoint": ("convert-official --version v2 {root}/garbage.pt {tmp}/out", "PyTorch checkpoint"),
+    "unreadable checkpoint": ("convert-official --version v2 {root}/garbage.pt {tmp}/out", "is not a checkpoint"),
     "output folder not empty": ("convert-official --version v2 {root}/garbage.pt {root}/not-empty", "not empty"),
     "export into its own folder": ("export {tokenizer} {tokenizer}", "must differ"),
     "init without a SigLIP checkpoint": ("init --siglip {root}/nowhere --llm {root}/nowhere {tmp}/init",
@@ -485,6 +671,14 @@ def test_errors_are_one_clear_line_with_exit_status_2(case, tokenizer_folder, un
         (["generate", "--model", "m", "p", "--output", "o.png", "--top-p", "1.5"], "must be in (0, 1]"),
         (["generate", "--model", "m", "p", "--output", "o.png", "--guidance-scale", "-1"], "must be >= 0"),
         (["generate", "--model", "m", "p", "--output", "o.png", "--temperature", "nan"], "must be a number"),
+        (["generate", "--model", "m", "p", "--output", "o.png", "--temperature", "0"], "must be > 0"),
+        (["generate", "--model", "m", "p", "--output", "o.png", "--top-k", "-5"], "must be a positive integer"),
+        (["generate", "--model", "m", "p", "--output", "o.png", "--seed", "-1"], "must be an integer in [0, 2**64)"),
+        (["generate", "--model", "m", "p", "--output", "o.png", "--seed", str(2**64)], "[0, 2**64)"),
+        (["init", "--siglip", "s", "--llm", "l", "out", "--seed", "1.5"], "must be an integer in [0, 2**64)"),
+        (["describe", "--model", "m", "i.png", "--max-new-tokens", "0"], "must be a positive integer"),
+        (["describe", "--model", "m", "i.png", "--max-new-tokens", "-5"], "must be a positive integer"),
+        (["detokenize", "--model", "m", "c", "--output", "o.png", "--batch-size", "0"], "must be a positive integer"),
         (["tokenize", "--model", "m", "i.png", "--output", "c", "--batch-size", "x"], "must be a positive integer"),
         (["convert-official", "--version", "v3", "c.pt", "out"], "invalid choice"),
         (["convert-official", "--version", "v2", "c.pt", "out", "--official-config", "nowhere.json"],

@@ -379,7 +379,7 @@ def test_module_imports_only_hub_safe_libraries_and_its_configuration_sibling():
             assert (node.level, node.module) == (1, "configuration_dualtoken"), f"relative import of {node.module!r}"
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module.split(".")[0])
-    assert imported <= {"io", "os", "typing", "numpy", "PIL", "torch", "transformers"}, imported
+    assert imported <= {"io", "os", "re", "typing", "warnings", "numpy", "PIL", "torch", "transformers"}, imported
 
 
 def test_module_copied_with_its_configuration_loads_as_remote_code_and_processes_identically(

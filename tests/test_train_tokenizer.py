@@ -22,10 +22,10 @@ import torch
 from accelerate.utils import set_seed
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.hf_api import future_compatible
-from transformers import AutoImageProcessor, AutoModel
+from transformers import AutoImageProcessor, AutoModel, SiglipVisionModel
 
-from dualtoken_hf import DualTokenImageProcessor, DualTokenVisionModel
-from dualtoken_hf.training import hub, read_jsonl
+from dualtoken_hf import DualTokenImageProcessor, DualTokenVisionConfig, DualTokenVisionModel
+from dualtoken_hf.training import hub, read_jsonl, warmup_warning
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,3 +251,177 @@ def test_two_process_ddp_run_keeps_codebooks_identical(tmp_path):
     trained = DualTokenVisionModel.from_pretrained(output_dir)
     assert not torch.equal(trained.pixel_quantizer.codebook, initial.pixel_quantizer.codebook)
     assert not torch.equal(trained.semantic_quantizer.codebook, initial.semantic_quantizer.codebook)
+
+
+# The teacher of eq. 4 and the recipe's semantic features
+
+
+def save_siglip(folder: Path, seed: int) -> Path:
+    """A random tiny SigLIP vision tower (the tiny preset's) saved as a pretrained checkpoint."""
+    torch.manual_seed(seed)
+    SiglipVisionModel(DualTokenVisionConfig.from_preset("tiny").siglip_config).save_pretrained(folder)
+    return folder
+
+
+def save_continued_tokenizer(folder: Path, siglip: Path | None) -> Path:
+    """A tokenizer started from `siglip` (or from scratch) whose tower then moved away from it, as training does."""
+    torch.manual_seed(3)
+    if siglip is None:
+        model = DualTokenVisionModel(DualTokenVisionConfig.from_preset("tiny"))
+    else:
+        model = DualTokenVisionModel.from_siglip(siglip, preset="tiny")
+    with torch.no_grad():
+        for parameter in model.siglip.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    model.save_pretrained(folder)
+    return folder
+
+
+def assert_same_weights(module: torch.nn.Module, other: torch.nn.Module):
+    other_state = other.state_dict()
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, other_state[key]), key
+
+
+def test_continuing_a_tokenizer_takes_the_recorded_siglip_as_teacher(tmp_path):
+    siglip = save_siglip(tmp_path / "siglip", seed=1)
+    continued = save_continued_tokenizer(tmp_path / "tokenizer", siglip)
+    assert DualTokenVisionModel.from_pretrained(continued).config.siglip_name_or_path == str(siglip)
+    args = train_tokenizer.parse_args(tiny_args(tmp_path, tmp_path / "out", "--pretrained_model_name_or_path",
+                                                str(continued)))
+    model = train_tokenizer.build_tokenizer(args)
+    teacher = train_tokenizer.build_teacher(args, model)
+    assert_same_weights(teacher, SiglipVisionModel.from_pretrained(siglip))
+    assert not torch.equal(teacher.post_layernorm.weight, model.siglip.post_layernorm.weight)
+    assert not teacher.training and not any(parameter.requires_grad for parameter in teacher.parameters())
+
+
+def test_an_explicit_teacher_replaces_the_recorded_one(tmp_path):
+    continued = save_continued_tokenizer(tmp_path / "tokenizer", save_siglip(tmp_path / "siglip", seed=1))
+    other = save_siglip(tmp_path / "other", seed=2)
+    args = train_tokenizer.parse_args(tiny_args(tmp_path, tmp_path / "out", "--pretrained_model_name_or_path",
+                                                str(continued), "--teacher_model_name_or_path", str(other)))
+    teacher = train_tokenizer.build_teacher(args, train_tokenizer.build_tokenizer(args))
+    assert_same_weights(teacher, SiglipVisionModel.from_pretrained(other))
+
+
+def test_continuing_a_tokenizer_without_a_recorded_siglip_needs_an_explicit_teacher(tmp_path):
+    continued = save_continued_tokenizer(tmp_path / "tokenizer", siglip=None)
+    args = train_tokenizer.parse_args(tiny_args(tmp_path, tmp_path / "out", "--pretrained_model_name_or_path",
+                                                str(continued)))
+    with pytest.raises(ValueError, match="does not record the SigLIP.*--teacher_model_name_or_path"):
+        train_tokenizer.build_teacher(args, train_tokenizer.build_tokenizer(args))
+
+
+def test_a_teacher_of_another_shape_is_rejected(tmp_path):
+    small = DualTokenVisionConfig.from_preset("tiny").siglip_config
+    small.num_hidden_layers = 3
+    SiglipVisionModel(small).save_pretrained(tmp_path / "small")
+    args = train_tokenizer.parse_args(tiny_args(tmp_path, tmp_path / "out", "--teacher_model_name_or_path",
+                                                str(tmp_path / "small")))
+    with pytest.raises(ValueError, match="num_hidden_layers 3 vs 6"):
+        train_tokenizer.build_teacher(args, train_tokenizer.build_tokenizer(args))
+
+
+def first_step_semantic_feature_loss(tmp_path: Path, *model_args: str) -> float:
+    data_dir = write_photos(tmp_path / "photos", 2)
+    output_dir = tmp_path / "out"
+    train_tokenizer.main(train_tokenizer.parse_args(tiny_args(
+        data_dir, output_dir, *model_args, "--train_batch_size", "2", "--max_train_steps", "1",
+        "--validation_steps", "100", "--checkpointing_steps", "100",
+    )))
+    return read_jsonl(output_dir / "logs" / "train_tokenizer.jsonl")[0]["loss/semantic_features"]
+
+
+def test_a_continued_run_distils_to_the_original_siglip_from_its_first_step(tmp_path):
+    # A copy of the continued tower would match its semantic layer exactly at the first forward (loss 0).
+    continued = save_continued_tokenizer(tmp_path / "tokenizer", save_siglip(tmp_path / "siglip", seed=1))
+    assert first_step_semantic_feature_loss(tmp_path, "--pretrained_model_name_or_path", str(continued)) > 1e-4
+
+
+@pytest.mark.parametrize("recipe, starts_at_zero", [("paper", True), ("v2", False)])
+def test_the_recipe_chooses_the_student_features_of_the_semantic_loss(tmp_path, recipe, starts_at_zero):
+    """From a SigLIP, the semantic layer equals the teacher's at the first forward (`paper`: loss 0); `v2` compares
+    the quantized, projected-back semantic features, which do not."""
+    siglip = save_siglip(tmp_path / "siglip", seed=1)
+    loss = first_step_semantic_feature_loss(tmp_path, "--siglip_model_name_or_path", str(siglip), "--recipe", recipe)
+    assert (loss == 0.0) == starts_at_zero
+
+
+# Arguments checked before anything heavy, and a schedule that can actually train
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--max_train_steps", "-5", "must be a positive integer, got '-5'"),
+    ("--max_train_steps", "0", "must be a positive integer, got '0'"),
+    ("--train_batch_size", "0", "must be a positive integer"),
+    ("--gradient_accumulation_steps", "1.5", "must be a positive integer, got '1.5'"),
+    ("--checkpointing_steps", "0", "must be a positive integer"),
+    ("--checkpoints_total_limit", "0", "must be a positive integer"),
+    ("--validation_steps", "-1", "must be a positive integer"),
+    ("--num_validation_images", "0", "must be a positive integer"),
+    ("--max_consecutive_nonfinite", "0", "must be a positive integer"),
+    ("--learning_rate", "-0.0001", "must be > 0, got '-0.0001'"),
+    ("--learning_rate", "nan", "must be a number, got 'nan'"),
+    ("--discriminator_learning_rate", "0", "must be > 0"),
+    ("--max_grad_norm", "0", "must be > 0"),
+    ("--lr_warmup_steps", "-1", "must be an integer >= 0, got '-1'"),
+    ("--gan_start_step", "-3", "must be an integer >= 0"),
+    ("--commitment_weight", "-1", "must be >= 0, got '-1'"),
+    ("--adam_beta2", "1", "must be in [0, 1), got '1'"),
+    ("--adam_weight_decay", "-0.1", "must be >= 0"),
+    ("--dataloader_num_workers", "-1", "must be an integer >= 0"),
+    ("--lr_scheduler", "cosinus", "invalid choice: 'cosinus'"),
+    ("--adaptive_weight_min", "20", "--adaptive_weight_min 20.0 is above --adaptive_weight_max 10.0"),
+])
+def test_bad_numbers_are_argument_errors(tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_request:
+        train_tokenizer.parse_args(tiny_args(tmp_path, tmp_path / "out", flag, value))
+    assert exit_request.value.code == 2
+    error = capsys.readouterr().err
+    assert message in error and flag in error
+
+
+def test_a_missing_lpips_package_is_a_one_line_error_before_anything_is_built(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_tokenizer, "find_spec", lambda name: None)  # neither lpips nor torchvision
+    with pytest.raises(SystemExit) as exit_request:
+        train_tokenizer.parse_args(["--train_data_dir", str(tmp_path)])  # --perceptual_loss lpips by default
+    message = str(exit_request.value.code)
+    assert "error: --perceptual_loss lpips (the default) needs lpips and torchvision: pip install lpips" in message
+    assert "--perceptual_loss none" in message and "\n" not in message
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("lpips") is not None, reason="lpips is installed here")
+def test_without_lpips_the_first_line_the_script_prints_is_the_fix(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPT), "--train_data_dir", str(tmp_path)], capture_output=True,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert result.returncode == 1
+    first_line = result.stderr.strip().splitlines()[0]
+    assert first_line.startswith("train_tokenizer.py: error: --perceptual_loss lpips (the default) needs lpips")
+    assert "pip install lpips" in first_line and "--perceptual_loss none" in first_line
+
+
+def test_warmup_over_half_the_run_is_a_warning_that_says_what_to_pass():
+    # The recipes' 10k warmup steps on a 300-step run: the learning rate never reaches its peak.
+    message = warmup_warning(10_000, 300)
+    assert message.startswith("--lr_warmup_steps 10000 covers 100% of this 300-step run: the learning rate never "
+                              "reaches its peak")
+    assert "pass --lr_warmup_steps 30" in message
+    assert "stays below its peak" in warmup_warning(151, 300)
+    assert warmup_warning(150, 300) is None and warmup_warning(50, 400) is None
+
+
+def test_a_long_warmup_is_logged_as_a_warning_and_each_step_logs_the_learning_rate_it_applied(tmp_path, caplog):
+    data_dir = write_photos(tmp_path / "photos", 2)
+    output_dir = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        train_tokenizer.main(train_tokenizer.parse_args(tiny_args(
+            data_dir, output_dir, "--train_batch_size", "2", "--max_train_steps", "2", "--lr_warmup_steps", "4",
+            "--validation_steps", "100", "--checkpointing_steps", "100",
+        )))
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert any("--lr_warmup_steps 4 covers 100% of this 2-step run" in message for message in warnings)
+    # Linear warmup from 0 to the peak 1e-3 over 4 steps: step 1 applies 0, step 2 applies 1e-3 / 4.
+    records = read_jsonl(output_dir / "logs" / "train_tokenizer.jsonl")
+    assert [record["lr"] for record in records] == pytest.approx([0.0, 2.5e-4], abs=1e-12)

@@ -29,6 +29,13 @@ def run_convert_official(args) -> None:
 def run_init(args) -> None:
     check_output_folder(args.output_dir, args.overwrite)
     initialize_unified_folder(
-        args.siglip, args.llm, args.output_dir, args.preset, args.seed, getattr(torch, args.dtype), args.license
+        args.siglip,
+        args.llm,
+        args.output_dir,
+        args.preset,
+        args.seed,
+        getattr(torch, args.dtype),
+        args.license,
+        allow_pickle=args.allow_pickle,
     )
     print(f"wrote an untrained {args.preset} model to {args.output_dir}")

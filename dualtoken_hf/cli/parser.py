@@ -40,6 +40,27 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer in [0, 2**64), the range of `torch.Generator.manual_seed`."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64), got {text!r}")
+    return value
+
+
 def _number(text: str) -> float:
     try:
         value = float(text)
@@ -206,20 +227,40 @@ def _init_arguments(parser) -> None:
         help="DualTokenConfig preset for the tokenizer layout and depth-head sizes, one of %(choices)s "
         "(default: %(default)s, the paper's)",
     )
-    parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the new weights (default: 0)")
+    parser.add_argument("--seed", type=seed, default=0, metavar="N", help="seed of the new weights (default: 0)")
     parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="dtype of the saved weights")
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="also read pickled .bin weights of a checkpoint without safetensors files (this can run code: trusted "
+        "checkpoints only)",
+    )
     _add_output_folder(parser)
 
 
 def _tokenize_arguments(parser) -> None:
-    _add_images(parser)
+    _add_tokenizer(parser)
+    parser.add_argument(
+        "images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders (their image files, sorted)"
+    )
     parser.add_argument("--output", required=True, metavar="CODES", help="code file to write (.safetensors)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run over the same images: tokenize only the images whose codes CODES.partial/ "
+        "does not hold yet",
+    )
 
 
 def _detokenize_arguments(parser) -> None:
     _add_tokenizer(parser)
     parser.add_argument("codes", metavar="CODES", help="code file written by `dualtoken tokenize`")
     parser.add_argument("--output", required=True, metavar="OUT.png", help=f"where to write: {NUMBERED_OUTPUTS}")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="decode codes that another tokenizer (other codebooks) wrote, or that record no tokenizer",
+    )
 
 
 def _reconstruct_arguments(parser) -> None:
@@ -242,7 +283,7 @@ def _generate_arguments(parser) -> None:
         help="classifier-free guidance scale; 0 disables it (default: the model's, 3 in the paper)",
     )
     parser.add_argument(
-        "--seed", type=int, metavar="N", help="random seed; the same seed on the same device gives the same images"
+        "--seed", type=seed, metavar="N", help="random seed; the same seed on the same device gives the same images"
     )
     parser.add_argument("--num-images", type=positive_int, default=1, metavar="N", help="images (default: 1)")
     parser.add_argument("--temperature", type=positive_float, metavar="T", help="sampling temperature (default: 1)")
@@ -258,7 +299,11 @@ def _describe_arguments(parser) -> None:
         "--prompt", default=DEFAULT_DESCRIBE_PROMPT, metavar="TEXT", help=f"default: {DEFAULT_DESCRIBE_PROMPT!r}"
     )
     parser.add_argument(
-        "--max-new-tokens", type=positive_int, default=128, metavar="N", help="answer length limit (default: 128)"
+        "--max-new-tokens",
+        type=positive_int,
+        default=128,
+        metavar="N",
+        help="answer length limit (default: 128); the prompt and the answer must fit the model's context",
     )
 
 
@@ -316,14 +361,16 @@ SUBCOMMANDS = {
         "run_tokenize",
         _tokenize_arguments,
         "encode images into pixel and semantic codes, saved as a safetensors file (pixel_codes, semantic_codes: "
-        "int64 (B, h, w, D); metadata: the source files and the model)",
-        "dualtoken tokenize --model dualtoken-tokenizer-v2 cat.jpg dog.png --output codes.safetensors",
+        "int64 (B, h, w, D); metadata: the source files and the model), a batch at a time; an interrupted run "
+        "continues with --resume",
+        "dualtoken tokenize --model dualtoken-tokenizer-v2 cat.jpg photos/ --output codes.safetensors",
     ),
     "detokenize": Subcommand(
         "codes",
         "run_detokenize",
         _detokenize_arguments,
-        f"decode the pixel codes of a code file into images ({NUMBERED_OUTPUTS})",
+        f"decode the pixel codes of a code file into images ({NUMBERED_OUTPUTS}); codes must come from the same "
+        "tokenizer (the code file records its fingerprint; --force decodes others anyway)",
         "dualtoken detokenize --model dualtoken-tokenizer-v2 codes.safetensors --output decoded.png",
     ),
     "reconstruct": Subcommand(

@@ -28,6 +28,24 @@ def run_generate(args) -> None:
     write_images(processor.postprocess(model.decode_image_tokens(pixel_codes)), args.output)
 
 
+def _check_answer_fits(text_config, prompt_length: int, max_new_tokens: int) -> None:
+    """The prompt (image positions included) and `max_new_tokens` must fit the LLM's positions."""
+    context = getattr(text_config, "max_position_embeddings", None)
+    if context is None:
+        return
+    left = context - prompt_length
+    if left < 1:
+        raise ValueError(
+            f"the prompt takes {prompt_length} positions (the image's included), which leaves none of the model's "
+            f"context of {context} (max_position_embeddings) for the answer: shorten --prompt"
+        )
+    if max_new_tokens > left:
+        raise ValueError(
+            f"--max-new-tokens must be at most {left} for this prompt (the model's context of {context} positions "
+            f"minus the prompt's {prompt_length}), got {max_new_tokens}"
+        )
+
+
 def run_describe(args) -> None:
     (image,) = open_images([args.image])
     model, processor = load_unified(args.model).to(args.device), load_processor(args.model)
@@ -35,5 +53,6 @@ def run_describe(args) -> None:
     inputs = processor.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     ).to(args.device)
+    _check_answer_fits(model.config.text_config, inputs["input_ids"].shape[1], args.max_new_tokens)
     generated = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     print(processor.post_process_image_text_to_text(generated[:, inputs["input_ids"].shape[1] :])[0].strip())

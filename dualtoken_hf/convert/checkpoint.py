@@ -2,16 +2,16 @@
 
 An official training checkpoint (`epoch_N.pt`) is a `torch.save`d dict whose `"state_dict"` (or `"model"`) entry holds
 the `RQVAESiglipModel` state, possibly with DDP's `module.` prefixes; a plain state dict of tensors works too. The
-reference state files (`.safetensors`) hold the state directly. Config dicts are read from the entries
+reference state files (safetensors) hold the state directly. Config dicts are read from the entries
 `rqvaesiglip_config`, `siglip_vision_config` and `siglip_text_config` (safetensors metadata as JSON strings, or dict
 or JSON-string entries of a `.pt` checkpoint) when present; explicit arguments take precedence.
 
-`.pt` files are loaded with `torch.load(..., weights_only=True)`, which refuses pickled Python objects: a checkpoint
-that holds any (e.g. an `argparse.Namespace` of training arguments) needs `allow_pickle=True`, which runs the pickled
-code, so only for files from a trusted source.
+The format is told by the file's first bytes, not its name; a file that is neither kind (an image, a text file) is
+refused in one line. `torch.save`'s zip or legacy pickle files are loaded with `torch.load(..., weights_only=True)`,
+which refuses pickled Python objects: a checkpoint that holds any (e.g. an `argparse.Namespace` of training
+arguments) needs `allow_pickle=True`, which runs the pickled code, so only for files from a trusted source.
 """
 
-import json
 import os
 import pickle
 import re
@@ -26,16 +26,23 @@ from transformers import SiglipTextConfig, SiglipTextModel
 from ..hub.cards import CardDetails
 from ..hub.writing import save_tokenizer_folder
 from ..modeling_dualtoken_vision import DualTokenVisionModel
-from .official import SIGLIP_PREFIX, official_module_prefixes, official_to_hf
+from .contents import CONFIG_ENTRIES, DDP_PREFIX, config_entry, state_entry, unpack_checkpoint
+from .official import SIGLIP_PREFIX, check_layout, config_hint, official_module_prefixes, official_to_hf
 
 
-CONFIG_ENTRIES = ("rqvaesiglip_config", "siglip_vision_config", "siglip_text_config")
-STATE_ENTRIES = ("state_dict", "model")
-SAFETENSORS_SUFFIX = ".safetensors"
-DDP_PREFIX = "module."
 TEXT_TOWER_PREFIX = "siglip_model.text_model."
 TEXT_TOWER_FOLDER = "siglip_text"
 CONTRASTIVE_KEYS = ("siglip_model.logit_scale", "siglip_model.logit_bias")
+# torch.save writes a zip archive (since PyTorch 1.6) or, in the legacy format, a pickle (protocol 2 to 5).
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_MAGICS = tuple(b"\x80" + bytes([protocol]) for protocol in range(2, 6))
+# What a file that is not a checkpoint often is, by its first bytes, to say so in the error.
+OTHER_FORMATS = (
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x89PNG", "a PNG image"),
+    (b"GIF8", "a GIF image"),
+    (b"\x1f\x8b", "a gzip archive"),
+)
 
 
 class PickleRequiredError(ValueError):
@@ -60,16 +67,33 @@ class ConvertedTokenizer:
     unused_keys: list[str]
 
 
-def _config_entry(value, name: str, path: Path) -> dict:
-    if isinstance(value, dict):
-        return value
-    try:
-        config = json.loads(value)
-    except (TypeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{name} in {str(path)!r} is not a JSON config dict: {error}") from error
-    if not isinstance(config, dict):
-        raise ValueError(f"{name} in {str(path)!r} must be a JSON object, got {type(config).__name__}")
-    return config
+def _looks_like(head: bytes) -> str:
+    """What a file that is not a checkpoint seems to be, from its first bytes (`""` when nothing is recognised)."""
+    if not head:
+        return "it is empty"
+    for magic, name in OTHER_FORMATS:
+        if head.startswith(magic):
+            return f"it looks like {name}"
+    text = head.decode("utf-8", "replace")
+    if "\ufffd" not in text and all(character.isprintable() or character.isspace() for character in text):
+        return "it looks like a text file"
+    return ""
+
+
+def checkpoint_format(path: Path) -> str:
+    """`"torch"` (a zip or pickle file of `torch.save`) or `"safetensors"`, from the file's first bytes; `ValueError`
+    in one line for anything else (an image, a text file, an empty file ...)."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MAGICS):
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "safetensors"  # an 8-byte header length, then the JSON header
+    looks_like = _looks_like(head)
+    raise ValueError(
+        f"{str(path)!r} is not a checkpoint: neither a PyTorch file (zip or pickle) nor a safetensors file"
+        + (f" ({looks_like})" if looks_like else "")
+    )
 
 
 def _read_safetensors(path: Path) -> OfficialCheckpoint:
@@ -79,8 +103,13 @@ def _read_safetensors(path: Path) -> OfficialCheckpoint:
         state_dict = load_file(path)
     except SafetensorError as error:
         raise ValueError(f"cannot read {str(path)!r} as a safetensors file: {error}") from error
-    configs = {name: _config_entry(metadata[name], name, path) for name in CONFIG_ENTRIES if name in metadata}
-    return OfficialCheckpoint(path, state_dict, configs)
+    configs = {name: config_entry(metadata[name], name, repr(str(path))) for name in CONFIG_ENTRIES if name in metadata}
+    return OfficialCheckpoint(path, {key.removeprefix(DDP_PREFIX): value for key, value in state_dict.items()}, configs)
+
+
+def _first_sentence(error: BaseException) -> str:
+    """torch's load errors continue with advice about `weights_only` that is wrong for a file that is no checkpoint."""
+    return str(error).strip().split("\n")[0].split(". ")[0]
 
 
 def _torch_load(path: Path, allow_pickle: bool):
@@ -94,9 +123,11 @@ def _torch_load(path: Path, allow_pickle: bool):
                 "refuses; if you trust the file's source, load it with allow_pickle=True (command line: "
                 "--allow-pickle), which runs the pickled code"
             ) from error
-        raise ValueError(f"cannot read {str(path)!r} as a PyTorch checkpoint: {error}") from error
+        reason = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n|$)", str(error))
+        message = reason[1] if reason else _first_sentence(error)
+        raise ValueError(f"cannot read {str(path)!r} as a PyTorch checkpoint: {message}") from error
     except (EOFError, KeyError, RuntimeError, ImportError, AttributeError) as error:
-        message = f"cannot read {str(path)!r} as a PyTorch checkpoint: {type(error).__name__} {error}"
+        message = f"cannot read {str(path)!r} as a PyTorch checkpoint: {type(error).__name__}: {_first_sentence(error)}"
         raise ValueError(message) from error
 
 
@@ -104,29 +135,32 @@ def _read_torch(path: Path, allow_pickle: bool) -> OfficialCheckpoint:
     checkpoint = _torch_load(path, allow_pickle)
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{str(path)!r} holds a {type(checkpoint).__name__}, expected a checkpoint dict")
-    entry = next((name for name in STATE_ENTRIES if isinstance(checkpoint.get(name), dict)), None)
-    state = checkpoint[entry] if entry else checkpoint
-    if not state or not all(isinstance(value, torch.Tensor) for value in state.values()):
-        raise ValueError(
-            f"{str(path)!r} holds no state dict: expected a {' or '.join(map(repr, STATE_ENTRIES))} entry of tensors "
-            f"or a dict of tensors, got the entries {sorted(map(str, checkpoint))[:10]}"
-        )
-    configs = {}
-    if entry:
-        configs = {name: _config_entry(checkpoint[name], name, path) for name in CONFIG_ENTRIES if name in checkpoint}
-    epoch = checkpoint.get("epoch") if entry else None
-    return OfficialCheckpoint(path, state, configs, epoch if isinstance(epoch, int) else None)
+    state_dict, configs = unpack_checkpoint(checkpoint, repr(str(path)))
+    epoch = checkpoint.get("epoch") if state_entry(checkpoint) else None
+    return OfficialCheckpoint(path, state_dict, configs, epoch if isinstance(epoch, int) else None)
 
 
 def read_official_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> OfficialCheckpoint:
-    """Read an official checkpoint file (`.pt`/`.pth`/`.ckpt` by `torch.load`, or `.safetensors`); see the module
-    docstring. Raises `PickleRequiredError` for a `.pt` file with Python objects unless `allow_pickle`."""
+    """Read an official checkpoint file (`torch.save`'s zip or pickle formats, by `torch.load`, or `.safetensors`,
+    told apart by their first bytes); see the module docstring. Raises `ValueError` for a file that is neither, and
+    `PickleRequiredError` for a PyTorch file with Python objects unless `allow_pickle`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such checkpoint file: {str(path)!r}")
-    checkpoint = _read_safetensors(path) if path.suffix == SAFETENSORS_SUFFIX else _read_torch(path, allow_pickle)
-    checkpoint.state_dict = {key.removeprefix(DDP_PREFIX): value for key, value in checkpoint.state_dict.items()}
-    return checkpoint
+    return _read_safetensors(path) if checkpoint_format(path) == "safetensors" else _read_torch(path, allow_pickle)
+
+
+def load_official_checkpoint(
+    path: str | os.PathLike, allow_pickle: bool = False
+) -> tuple[dict[str, torch.Tensor], dict | None, dict | None]:
+    """
+    `(state_dict, official_config, siglip_vision_config)` of an official checkpoint file, ready for
+    [`official_to_hf`]: the state without DDP's `module.` prefixes and the configs stored with it (`None` where the
+    file has none). Reads as [`read_official_checkpoint`] does (weights only unless `allow_pickle`).
+    """
+    checkpoint = read_official_checkpoint(path, allow_pickle)
+    configs = checkpoint.configs
+    return checkpoint.state_dict, configs.get("rqvaesiglip_config"), configs.get("siglip_vision_config")
 
 
 def split_unused_keys(state_dict: dict, version: str) -> tuple[dict, list[str]]:
@@ -142,14 +176,18 @@ def _official_name(key: str) -> str:
 
 
 def _load_exactly(module: torch.nn.Module, state_dict: dict, official_name) -> None:
-    """`load_state_dict` that names missing keys by their official names and raises `KeyError` for any mismatch."""
-    missing, unexpected = module.load_state_dict(state_dict, strict=False)
+    """`load_state_dict` that names missing keys by their official names and raises `ValueError` for any mismatch
+    (missing or unexpected keys, other shapes)."""
+    try:
+        missing, unexpected = module.load_state_dict(state_dict, strict=False)
+    except RuntimeError as error:  # shapes that differ
+        raise ValueError(" ".join(str(error).split())) from error
     if missing:
         names = sorted(map(official_name, missing))
-        raise KeyError(f"the checkpoint lacks {len(names)} expected key(s): {', '.join(names[:10])}")
+        raise ValueError(f"the checkpoint lacks {len(names)} expected key(s): {', '.join(names[:10])}")
     if unexpected:
         names = sorted(unexpected)
-        raise KeyError(f"the conversion gave {len(names)} key(s) the model lacks: {', '.join(names[:10])}")
+        raise ValueError(f"the conversion gave {len(names)} key(s) the model lacks: {', '.join(names[:10])}")
 
 
 def convert_official_checkpoint(
@@ -165,24 +203,25 @@ def convert_official_checkpoint(
     stored once per depth in the official state, are merged after checking that the copies are equal.
 
     Raises:
-        KeyError: an official key the model needs is missing (named), or a known module holds keys it does not have.
-        ValueError: the configs and the state disagree (e.g. shared codebook copies differ).
+        ValueError: the checkpoint has the other version's layout; an official key the model needs is missing
+            (named), or a known module holds keys or shapes the configs do not give (with what that likely means);
+            the configs and the state disagree otherwise (e.g. shared codebook copies differ).
     """
     official_config = official_config or checkpoint.configs.get("rqvaesiglip_config")
     siglip_vision_config = siglip_vision_config or checkpoint.configs.get("siglip_vision_config")
+    check_layout(checkpoint.state_dict, version)
     known, unused = split_unused_keys(checkpoint.state_dict, version)
+    if not known:
+        raise ValueError(
+            f"{str(checkpoint.path)!r} holds none of the keys of an official DualToken tokenizer (its keys begin "
+            f"{unused[:5]}): is it the right file?"
+        )
+    config, state_dict = official_to_hf(known, version, official_config, siglip_vision_config)
+    model = DualTokenVisionModel(config)
     try:
-        config, state_dict = official_to_hf(known, version, official_config, siglip_vision_config)
-        model = DualTokenVisionModel(config)
         _load_exactly(model, state_dict, _official_name)
-    except KeyError as error:
-        if official_config is not None and siglip_vision_config is not None:
-            raise
-        absent = "official" if official_config is None else "SigLIP vision"
-        raise KeyError(
-            f"{error.args[0]} (no {absent} config was given or stored in the checkpoint, so the full-size "
-            f"{version!r} layout was assumed)"
-        ) from error
+    except ValueError as error:
+        raise ValueError(f"{error}; {config_hint(version, official_config, siglip_vision_config)}") from error
     return ConvertedTokenizer(model.eval(), unused)
 
 
@@ -206,10 +245,10 @@ def save_text_tower(
         key[len(TEXT_TOWER_PREFIX) :]: value for key, value in state.items() if key.startswith(TEXT_TOWER_PREFIX)
     }
     if not tower_state:
-        raise KeyError(f"the checkpoint has no text tower keys ({TEXT_TOWER_PREFIX}*)")
+        raise ValueError(f"the checkpoint has no text tower keys ({TEXT_TOWER_PREFIX}*) to keep")
     missing = [key for key in CONTRASTIVE_KEYS if key not in state]
     if missing:
-        raise KeyError(f"the checkpoint lacks {', '.join(missing)}")
+        raise ValueError(f"the checkpoint lacks {', '.join(missing)}, which the SigLIP text tower needs")
     text_model = SiglipTextModel(SiglipTextConfig(**text_config))
     _load_exactly(text_model, tower_state, lambda key: TEXT_TOWER_PREFIX + key)
     folder = Path(folder)
@@ -253,10 +292,12 @@ def convert_official_folder(
 
 __all__ = [
     "ConvertedTokenizer",
-    "convert_official_folder",
     "OfficialCheckpoint",
     "PickleRequiredError",
+    "checkpoint_format",
     "convert_official_checkpoint",
+    "convert_official_folder",
+    "load_official_checkpoint",
     "official_module_prefixes",
     "read_official_checkpoint",
     "save_text_tower",

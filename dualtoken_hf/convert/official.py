@@ -8,6 +8,7 @@ shortcut, a config dict per branch). The SigLIP text tower and the contrastive l
 import torch
 
 from ..configuration_dualtoken import BRANCHES, DualTokenQuantizerConfig, DualTokenVisionConfig
+from .contents import unpack_checkpoint
 from .official_keys import convert_official_decoder, convert_official_projection
 
 
@@ -83,12 +84,16 @@ def _decoder_settings(ddconfig: dict, latent_shape, image_size: int) -> dict:
     }
 
 
+def _check_version(version: str) -> None:
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+
+
 def official_config_to_hf(
     version: str, official_config: dict | None = None, siglip_vision_config: dict | None = None
 ) -> DualTokenVisionConfig:
     """Our config for an official layout. `None` configs mean the full-size official release of `version`."""
-    if version not in VERSIONS:
-        raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+    _check_version(version)
     if official_config is None:
         return DualTokenVisionConfig.from_preset(
             version, **({"siglip_config": siglip_vision_config} if siglip_vision_config else {})
@@ -135,7 +140,7 @@ def _convert_quantizer(state_dict: dict, prefix: str, settings: DualTokenQuantiz
         for d in range(depth):
             key = f"{prefix}.codebooks.{d}.{name}"
             if key not in state_dict:
-                raise KeyError(f"official checkpoint lacks {key}")
+                raise KeyError(f"the checkpoint lacks the official key {key}")
             per_depth.append(state_dict[key][:rows])
         if settings.shared_codebook:
             if any(not torch.equal(per_depth[0], t) for t in per_depth[1:]):
@@ -160,30 +165,38 @@ def official_module_prefixes(version: str) -> tuple[str, ...]:
     )
 
 
-def official_to_hf(
-    state_dict: dict,
-    version: str = "paper",
-    official_config: dict | None = None,
-    siglip_vision_config: dict | None = None,
-) -> tuple[DualTokenVisionConfig, dict]:
-    """Map an official checkpoint's `state_dict` (RQVAESiglipModel keys, no `module.` prefix) to ours.
+def check_layout(state_dict: dict, version: str) -> None:
+    """Raise `ValueError` when the official state has the other version's layout (told by its pixel codebooks), or
+    `version` is none of `VERSIONS`."""
+    _check_version(version)
 
-    Args:
-        state_dict: the official model's state dict (an `epoch_N.pt` checkpoint's `"state_dict"`, or the
-            reference files' state). A leading `module.` (DDP) is stripped.
-        version: `"paper"` (the 2025 release) or `"v2"` (later official code).
-        official_config: the official config dict (v2: the `rqvaesiglip` dict; paper: the top-level quantizer
-            dict of `model_config/config.json`). `None` means the full-size official release.
-        siglip_vision_config: the SigLIP vision config dict. `None` means SigLIP so400m-patch14-384.
+    def has_codebooks_of(layout: str) -> bool:
+        return f"{QUANTIZERS[layout]['pixel']}.codebooks.0.weight" in state_dict
 
-    Returns:
-        `(config, state_dict)` ready for `DualTokenVisionModel(config).load_state_dict(state_dict)`.
+    for other in VERSIONS:
+        if other != version and has_codebooks_of(other) and not has_codebooks_of(version):
+            raise ValueError(
+                f"the checkpoint has the official {other!r} layout, not {version!r} (it holds "
+                f"{QUANTIZERS[other]['pixel']}.codebooks.*): convert it with version={other!r} (command line: "
+                f"--version {other})"
+            )
 
-    Raises:
-        KeyError: an expected official key is missing, or keys are left that belong to no known module.
-    """
-    config = official_config_to_hf(version, official_config, siglip_vision_config)
-    source = {key.removeprefix("module."): value for key, value in state_dict.items()}
+
+def config_hint(version: str, official_config, siglip_vision_config) -> str:
+    """What a key or shape mismatch between an official state and the config it was read with most likely means."""
+    if official_config is None or siglip_vision_config is None:
+        absent = "official config" if official_config is None else "SigLIP vision config"
+        return (
+            f"no {absent} was given, so the full-size {version!r} release was assumed: pass the configs stored with "
+            "the checkpoint (`load_official_checkpoint(path)` returns them, the command line reads them itself) or "
+            "the ones it was trained with (command line: --official-config, --siglip-config)"
+        )
+    return "the checkpoint does not match the given configs: check that they are the ones it was trained with"
+
+
+def _convert_state(source: dict, version: str, config: DualTokenVisionConfig) -> dict:
+    """The official state (no `module.` prefixes) renamed and reshaped to ours; `KeyError` names a missing or
+    left-over official key."""
     converted, used = {}, set()
 
     for key, value in source.items():
@@ -218,7 +231,58 @@ def official_to_hf(
     leftover = sorted(set(source) - used)
     if leftover:
         raise KeyError(f"{len(leftover)} official keys belong to no known module: {leftover[:10]}")
-    return config, converted
+    return converted
 
 
-__all__ = ["official_config_to_hf", "official_module_prefixes", "official_to_hf"]
+def official_to_hf(
+    state_dict: dict,
+    version: str = "paper",
+    official_config: dict | None = None,
+    siglip_vision_config: dict | None = None,
+) -> tuple[DualTokenVisionConfig, dict]:
+    """Map an official checkpoint to our config and state dict.
+
+    Args:
+        state_dict: the official model's state dict (RQVAESiglipModel keys; DDP's `module.` prefixes are stripped),
+            e.g. from [`load_official_checkpoint`], or a whole training checkpoint dict as `torch.load` gives it
+            (`{"state_dict": ..., "rqvaesiglip_config": ..., "siglip_vision_config": ...}`), whose stored configs
+            are then used unless given here.
+        version: `"paper"` (the 2025 release) or `"v2"` (later official code).
+        official_config: the official config dict (v2: the `rqvaesiglip` dict; paper: the top-level quantizer
+            dict of `model_config/config.json`). `None` means the checkpoint's own, else the full-size release.
+        siglip_vision_config: the SigLIP vision config dict. `None` means the checkpoint's own, else SigLIP
+            so400m-patch14-384.
+
+    Returns:
+        `(config, state_dict)` ready for `DualTokenVisionModel(config).load_state_dict(state_dict)`.
+
+    Raises:
+        ValueError: an official key the layout needs is missing, or keys are left that belong to no known module
+            (the message names the key and says what it likely means: another `version`, or configs that are not
+            the checkpoint's), or `official_config` lacks an entry the layout needs.
+    """
+    source, stored = unpack_checkpoint(state_dict, "the checkpoint")
+    official_config = official_config or stored.get("rqvaesiglip_config")
+    siglip_vision_config = siglip_vision_config or stored.get("siglip_vision_config")
+    check_layout(source, version)
+    try:
+        config = official_config_to_hf(version, official_config, siglip_vision_config)
+    except KeyError as error:
+        raise ValueError(
+            f"official_config lacks the entry {error.args[0]!r} that the official {version!r} layout needs (v2: "
+            "the rqvaesiglip dict; paper: the quantizer dict of model_config/config.json)"
+        ) from error
+    try:
+        return config, _convert_state(source, version, config)
+    except KeyError as error:
+        raise ValueError(f"{error.args[0]}; {config_hint(version, official_config, siglip_vision_config)}") from error
+
+
+__all__ = [
+    "VERSIONS",
+    "check_layout",
+    "config_hint",
+    "official_config_to_hf",
+    "official_module_prefixes",
+    "official_to_hf",
+]

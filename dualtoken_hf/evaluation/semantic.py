@@ -35,8 +35,8 @@ def load_teacher(path: str) -> SiglipVisionModel:
     model."""
     config = json.loads((Path(path) / "config.json").read_text())
     if config.get("model_type") == DualTokenVisionConfig.model_type:
-        return DualTokenVisionModel.from_pretrained(path).siglip.eval()
-    return SiglipVisionModel.from_pretrained(path).eval()
+        return DualTokenVisionModel.from_pretrained(path, use_safetensors=True).siglip.eval()
+    return SiglipVisionModel.from_pretrained(path, use_safetensors=True).eval()
 
 
 @torch.no_grad()

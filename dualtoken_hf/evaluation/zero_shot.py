@@ -19,7 +19,7 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 def load_text_tower(path: str) -> tuple[SiglipTextModel, "AutoTokenizer"]:
     """A SigLIP text tower and its text tokenizer from a local folder (a full SigLIP checkpoint folder works too)."""
-    return SiglipTextModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    return SiglipTextModel.from_pretrained(path, use_safetensors=True).eval(), AutoTokenizer.from_pretrained(path)
 
 
 def load_class_names(path: str | None, class_folders: list[str]) -> list[str]:

@@ -65,6 +65,7 @@ def initialize_unified(
     llm: str | os.PathLike,
     preset: str = "dualtoken-3b",
     seed: int = 0,
+    allow_pickle: bool = False,
 ) -> tuple[DualTokenForConditionalGeneration, DualTokenProcessor]:
     """
     Build an untrained unified model and its processor from a pretrained SigLIP tower and a pretrained causal LM.
@@ -76,6 +77,8 @@ def initialize_unified(
         preset: `DualTokenConfig` preset for the tokenizer layout and the depth heads (`"dualtoken-3b"`: the paper
             tokenizer; `"tiny"`: tests and demos).
         seed: Seed of the new weights (projector, depth heads, tokenizer projections, codebooks, decoder).
+        allow_pickle: Also read pickled `.bin` weights when a checkpoint has no safetensors files (they can run code
+            when loaded: trusted checkpoints only); by default only safetensors weights are read.
 
     Returns:
         `(model, processor)`; save them with `dualtoken_hf.hub.save_unified_folder`. The LLM's token embeddings
@@ -86,9 +89,11 @@ def initialize_unified(
     torch.manual_seed(seed)
     vision_preset = UNIFIED_PRESETS[preset]["vision_preset"]
     with _naming_checkpoint("SigLIP", siglip):
-        vision_tokenizer = DualTokenVisionModel.from_siglip(siglip, preset=vision_preset)
+        vision_tokenizer = DualTokenVisionModel.from_siglip(
+            siglip, preset=vision_preset, use_safetensors=not allow_pickle
+        )
     with _naming_checkpoint("LLM", llm):
-        language_model = AutoModelForCausalLM.from_pretrained(llm)
+        language_model = AutoModelForCausalLM.from_pretrained(llm, use_safetensors=not allow_pickle)
         text_tokenizer = AutoTokenizer.from_pretrained(llm)
     token_ids = extend_text_tokenizer(text_tokenizer)
     if len(text_tokenizer) > language_model.config.vocab_size:
@@ -121,9 +126,10 @@ def initialize_unified_folder(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     license: str = "apache-2.0",
+    allow_pickle: bool = False,
 ) -> DualTokenForConditionalGeneration:
     """[`initialize_unified`], then save model (in `dtype`) and processor as a Hub-ready folder with a model card."""
-    model, processor = initialize_unified(siglip, llm, preset, seed)
+    model, processor = initialize_unified(siglip, llm, preset, seed, allow_pickle)
     model.to(dtype)
     card = CardDetails(
         origin=(

@@ -25,7 +25,9 @@ from huggingface_hub.utils import validate_repo_id
 
 from ..convert.checkpoint import TEXT_TOWER_FOLDER
 from .cards import CardDetails
+from .contents import check_hub_files
 from .folders import UNIFIED, folder_model_type, load_image_processor, load_model, load_processor, tokenizer_of
+from .locking import LOCK_FILE, FolderLock
 from .writing import save_tokenizer_folder, save_unified_folder
 
 
@@ -36,6 +38,8 @@ CARD_FILE = "README.md"
 COPIED_ENTRIES = (CARD_FILE, TEXT_TOWER_FOLDER)
 # Files a user may still edit after the check without invalidating it.
 EDITABLE_AFTER_CHECK = (CARD_FILE, EXPORT_CHECK_FILE)
+# Kept in the folder but never uploaded.
+NOT_UPLOADED = (EXPORT_CHECK_FILE, LOCK_FILE)
 CHECK_TIMEOUT_S = 3600
 
 # Runs in a fresh interpreter: loads the folder through its remote code only and runs it once on a gray image.
@@ -47,7 +51,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoProcessor
 
 folder, kind = sys.argv[1], sys.argv[2]
-model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+model = AutoModel.from_pretrained(folder, trust_remote_code=True, use_safetensors=True).eval()
 if not type(model).__module__.startswith("transformers_modules"):
     raise SystemExit(f"the model class came from {type(model).__module__}, not from the folder's remote code")
 tokenizer = model.vision_tokenizer if kind == "dualtoken" else model
@@ -66,7 +70,8 @@ with torch.no_grad():
         report["pixel_codes_shape"] = list(encoded.pixel_codes.shape)
         report["decoded_shape"] = list(tokenizer.decode(encoded.pixel_codes).shape)
     if "pixel_decoder" in sys.argv[3:]:
-        decoder = type(tokenizer.pixel_decoder).from_pretrained(folder, subfolder="pixel_decoder")
+        decoder = type(tokenizer.pixel_decoder).from_pretrained(folder, subfolder="pixel_decoder",
+                                                                use_safetensors=True)
         same = all(torch.equal(a, b) for a, b in zip(decoder.state_dict().values(),
                                                      tokenizer.pixel_decoder.state_dict().values()))
         if not same:
@@ -118,7 +123,7 @@ def _fingerprint(folder: Path) -> dict[str, int]:
     return {
         str(path.relative_to(folder)): path.stat().st_size
         for path in sorted(folder.rglob("*"))
-        if path.is_file() and str(path.relative_to(folder)) not in EDITABLE_AFTER_CHECK
+        if path.is_file() and str(path.relative_to(folder)) not in (*EDITABLE_AFTER_CHECK, LOCK_FILE)
     }
 
 
@@ -174,6 +179,8 @@ def export_folder(
     Write the complete Hub folder of the model in `model_dir` to `output_dir`, then [`check_folder`] it.
 
     The model card of `model_dir` (`README.md`) is kept; a folder without one gets a new card with Hub metadata.
+    `output_dir` is locked while it is written (see [`FolderLock`]): a second export or a training run writing into it
+    meanwhile fails with `FolderInUseError`.
 
     Args:
         model_dir: A saved tokenizer or unified model folder.
@@ -186,9 +193,11 @@ def export_folder(
     folder_model_type(model_dir)
     if output_dir.resolve() == model_dir.resolve():
         raise ValueError("the output folder must differ from the model folder")
-    check_output_folder(output_dir, overwrite)
-    kind = _write_hub_files(model_dir, output_dir, pixel_decoder, license)
-    return ExportResult(output_dir, kind, check_folder(output_dir)["report"])
+    # Checked under the lock: another export into the same folder fails instead of mixing its files with ours.
+    with FolderLock(output_dir):
+        check_output_folder(output_dir, overwrite)
+        kind = _write_hub_files(model_dir, output_dir, pixel_decoder, license)
+        return ExportResult(output_dir, kind, check_folder(output_dir)["report"])
 
 
 def check_output_folder(output_dir: str | os.PathLike, overwrite: bool) -> Path:
@@ -196,7 +205,7 @@ def check_output_folder(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"the output {str(output_dir)!r} is a file, not a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+    if output_dir.is_dir() and any(entry.name != LOCK_FILE for entry in output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"the output folder {str(output_dir)!r} is not empty (pass --overwrite to write into it)")
     return output_dir
 
@@ -236,8 +245,12 @@ def push_folder(
     """
     Upload a checked export folder (see [`read_check`]) to the Hub model repository `repo_id`, creating the
     repository (and the branch `revision`) when needed. Returns the commit URL.
+
+    Refuses (`ValueError`, naming each file and why) a folder holding anything but the package's own modules and
+    data files: links, executables, scripts, pickles, other code (see `hub.contents`).
     """
     validate_repo_id(repo_id)
+    check_hub_files(folder, ignored=NOT_UPLOADED)
     read_check(folder)
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
@@ -248,7 +261,7 @@ def push_folder(
         folder_path=str(folder),
         revision=revision,
         commit_message=commit_message,
-        ignore_patterns=[EXPORT_CHECK_FILE],
+        ignore_patterns=list(NOT_UPLOADED),
     )
     return commit.commit_url
 

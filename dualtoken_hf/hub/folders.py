@@ -49,7 +49,7 @@ def folder_model_type(folder: str | os.PathLike) -> str:
 def load_model(folder: str | os.PathLike) -> DualTokenVisionModel | DualTokenForConditionalGeneration:
     """The tokenizer or unified model saved in `folder`, in eval mode."""
     folder_model_type(folder)
-    return AutoModel.from_pretrained(folder).eval()
+    return AutoModel.from_pretrained(folder, use_safetensors=True).eval()
 
 
 def load_unified(folder: str | os.PathLike) -> DualTokenForConditionalGeneration:

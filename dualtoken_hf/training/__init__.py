@@ -15,7 +15,16 @@ if _missing:
         "pip install 'dualtoken-hf[train]'"
     )
 
-from .checkpointing import TrainingState, list_checkpoints, prune_checkpoints, resolve_checkpoint
+from .checkpointing import (
+    CheckpointSaveError,
+    TrainingState,
+    claim_output_dir,
+    list_checkpoints,
+    prune_checkpoints,
+    remove_partial_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .data import (
     ImageTrainDataset,
     StreamingImageTrainDataset,
@@ -41,22 +50,28 @@ from .losses import (
     semantic_distillation_loss,
     tokenizer_losses,
 )
+from .nonfinite import NonFiniteGuard, NonFiniteLossError
 from .recipes import RECIPES, LossWeights, get_recipe
+from .schedules import warmup_warning
 from .tracking import JSONLinesTracker, read_jsonl
 
 
 __all__ = [
     "RECIPES",
+    "CheckpointSaveError",
     "HubUploader",
     "ImageTrainDataset",
     "JSONLinesTracker",
     "LossWeights",
+    "NonFiniteGuard",
+    "NonFiniteLossError",
     "PatchGANDiscriminator",
     "StreamingImageTrainDataset",
     "TrainTransform",
     "TrainingState",
     "adaptive_generator_weight",
     "average_gradients",
+    "claim_output_dir",
     "collate_images",
     "discriminator_losses",
     "fingerprints",
@@ -72,11 +87,14 @@ __all__ = [
     "prune_checkpoints",
     "random_resized_crop_box",
     "read_jsonl",
+    "remove_partial_checkpoints",
     "resolve_checkpoint",
     "resolve_image_column",
+    "save_checkpoint",
     "save_reconstruction_grid",
     "semantic_distillation_loss",
     "tokenizer_losses",
     "undecoded",
+    "warmup_warning",
     "without_global_rng",
 ]

@@ -35,7 +35,19 @@ class JSONLinesTracker(GeneralTracker):
         with self.path.open("a") as handle:
             handle.write(json.dumps({"step": step, **values}) + "\n")
 
+    def truncate(self, step: int):
+        """Keep only the records of steps up to `step`: a run resumed from the checkpoint of `step` logs the later
+        ones again, so its file then reads as that of an uninterrupted run. Also drops a line cut off by a crash."""
+        if not self.path.is_file():
+            return
+        kept = [record for record in read_jsonl(self.path) if record["step"] is None or record["step"] <= step]
+        partial = self.path.with_name(f"{self.path.name}.tmp")
+        partial.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        partial.replace(self.path)
+
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """All records of a `JSONLinesTracker` file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """All records of a `JSONLinesTracker` file, except a last line without its newline (a write cut off by a
+    crash)."""
+    lines = Path(path).read_text().split("\n")[:-1]
+    return [json.loads(line) for line in lines if line.strip()]
