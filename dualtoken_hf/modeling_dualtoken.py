@@ -148,6 +148,18 @@ def _check_image_sampling_settings(guidance_scale, temperature, top_k, top_p, nu
         raise ValueError(f"num_images_per_prompt must be an int >= 1, got {count!r}")
 
 
+def unconditional_input_ids(
+    input_ids: torch.LongTensor, attention_mask: torch.Tensor, pad_token_id: int
+) -> torch.LongTensor:
+    """The classifier-free guidance prompt of each text-to-image prompt: every attended token but the final
+    begin-of-image becomes `pad_token_id`, under the same attention mask. `generate(generation_mode="image")` runs
+    these rows as the unconditional batch, and training's caption dropout builds its dropped captions with this
+    function, so the model learns exactly the prompt it is guided with."""
+    unconditional = input_ids.masked_fill(attention_mask.bool(), pad_token_id)
+    unconditional[:, -1] = input_ids[:, -1]
+    return unconditional
+
+
 @auto_docstring
 class DualTokenPreTrainedModel(PreTrainedModel):
     config: DualTokenConfig
@@ -442,12 +454,6 @@ class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixi
                 f"{context - num_positions} tokens"
             )
 
-    def _unconditional_input_ids(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> torch.LongTensor:
-        """Classifier-free guidance prompt: every prompt token but the final begin-of-image becomes padding."""
-        unconditional = input_ids.masked_fill(attention_mask.bool(), self.config.pad_token_id)
-        unconditional[:, -1] = input_ids[:, -1]
-        return unconditional
-
     def _code_chooser(
         self, guidance_scale, do_sample: bool, warpers: list[LogitsProcessorList], generator=None
     ) -> Callable[[int, torch.Tensor], torch.LongTensor]:
@@ -563,7 +569,8 @@ class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixi
         attention_mask = attention_mask.repeat_interleave(num_images_per_prompt, dim=0)
         batch_size = input_ids.shape[0]
         if guidance_scale is not None:
-            input_ids = torch.cat((input_ids, self._unconditional_input_ids(input_ids, attention_mask)))
+            unconditional = unconditional_input_ids(input_ids, attention_mask, self.config.pad_token_id)
+            input_ids = torch.cat((input_ids, unconditional))
             attention_mask = attention_mask.repeat(2, 1)
 
         side = self.config.vision_config.grid_size
@@ -637,4 +644,5 @@ __all__ = [
     "DualTokenForConditionalGeneration",
     "DualTokenImageGenerationOutput",
     "DualTokenPreTrainedModel",
+    "unconditional_input_ids",
 ]

@@ -15,11 +15,24 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from accelerate.utils import set_seed
+from transformers import AutoModelForCausalLM
 
-from dualtoken_hf.hub.folders import load_unified
-from dualtoken_hf.testing import build_tiny_processor, build_tiny_unified
+from dualtoken_hf import DualTokenConfig, DualTokenVisionConfig, DualTokenVisionModel
+from dualtoken_hf.hub.assemble import assemble_unified
+from dualtoken_hf.hub.folders import load_processor, load_unified
+from dualtoken_hf.hub.writing import save_tokenizer_folder
+from dualtoken_hf.testing import build_tiny_processor, build_tiny_text_tokenizer, build_tiny_unified
 from dualtoken_hf.training import read_jsonl
-from dualtoken_hf.training.unified import IGNORE_INDEX, MODULE_GROUPS, STAGES, CaptionPairsDataset, SequenceBuilder
+from dualtoken_hf.training.unified import (
+    CAPTION_DROPOUT,
+    IGNORE_INDEX,
+    MODULE_GROUPS,
+    STAGES,
+    CaptionPairsDataset,
+    SequenceBuilder,
+    collate_sequences,
+)
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,16 +66,18 @@ def pairs_file(tmp_path_factory) -> Path:
     return folder / "pairs.jsonl"
 
 
-def script_args(stage: str, model_dir: Path, pairs_file: Path | None, output_dir: Path, *extra: str) -> list[str]:
+def script_args(stage: str, model_dir: Path | None, pairs_file: Path | None, output_dir: Path,
+                *extra: str) -> list[str]:
+    model = ["--model_name_or_path", str(model_dir)] if model_dir is not None else []
     data = ["--data_files", str(pairs_file)] if pairs_file is not None else []
     return [
-        "--stage", stage, "--model_name_or_path", str(model_dir), *data, "--output_dir", str(output_dir),
+        "--stage", stage, *model, *data, "--output_dir", str(output_dir),
         "--cache_dir", str(output_dir.parent / "cache"), "--total_batch_size", "2", "--max_train_steps", "2",
         "--learning_rate", "1e-3", *extra,
     ]
 
 
-def run(stage: str, model_dir: Path, pairs_file: Path | None, output_dir: Path, *extra: str) -> dict:
+def run(stage: str, model_dir: Path | None, pairs_file: Path | None, output_dir: Path, *extra: str) -> dict:
     return train_unified.main(train_unified.parse_args(script_args(stage, model_dir, pairs_file, output_dir, *extra)))
 
 
@@ -92,12 +107,14 @@ def test_each_stage_changes_its_modules_and_nothing_else(tmp_path, unified_dir, 
     assert (logs[0]["loss/pixel_loss"] > 0) == generates and (logs[0]["loss/semantic_loss"] > 0) == generates
 
 
-def test_a_resumed_run_continues_with_the_same_losses(tmp_path, unified_dir, pairs_file):
+# `generate` with half the captions dropped: the resumed run drops the same ones (step 3 is in the second epoch).
+@pytest.mark.parametrize("stage, extra", [("understand", ()), ("generate", ("--caption_dropout", "0.5"))])
+def test_a_resumed_run_continues_with_the_same_losses(tmp_path, unified_dir, pairs_file, stage, extra):
     uninterrupted = tmp_path / "uninterrupted"
-    run("understand", unified_dir, pairs_file, uninterrupted, "--max_train_steps", "3", "--checkpointing_steps", "1")
+    run(stage, unified_dir, pairs_file, uninterrupted, "--max_train_steps", "3", "--checkpointing_steps", "1", *extra)
     resumed = tmp_path / "resumed"
-    run("understand", unified_dir, pairs_file, resumed, "--max_train_steps", "3",
-        "--resume_from_checkpoint", str(uninterrupted / "checkpoint-1"))
+    run(stage, unified_dir, pairs_file, resumed, "--max_train_steps", "3",
+        "--resume_from_checkpoint", str(uninterrupted / "checkpoint-1"), *extra)
     expected = read_jsonl(uninterrupted / "logs" / "train_unified.jsonl")
     continued = read_jsonl(resumed / "logs" / "train_unified.jsonl")
     assert [record["step"] for record in continued] == [2, 3]
@@ -115,6 +132,76 @@ def test_the_text_to_image_sequence_is_the_inference_prompt_then_image_targets()
     image = [processor.image_token_id] * processor.num_image_tokens + [processor.eoi_token_id]
     assert input_ids[len(prompt) :] == image
     assert labels == [IGNORE_INDEX] * len(prompt) + image
+
+
+def test_a_dropped_caption_is_the_unconditional_prompt_generate_runs(unified_dir):
+    """The prompts `generate(generation_mode="image")` feeds the LLM for a left-padded batch (conditional rows, then
+    unconditional ones) against the training sequences of the same captions with the caption dropped."""
+    model, processor = load_unified(unified_dir), load_processor(unified_dir)
+    captions = ["a red fox", "a small grey cat on a mat"]
+    prompts = processor(text=captions, generation_mode="image", return_tensors="pt")
+    fed = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda module, args, output: fed.append(args[0]))
+    try:
+        model.generate(**prompts, generation_mode="image", guidance_scale=3.0, do_sample=False)
+    finally:
+        hook.remove()
+    conditional, unconditional = fed[0].chunk(2)
+    assert torch.equal(conditional, prompts["input_ids"])
+    builder = SequenceBuilder(processor)
+    examples = []
+    for row, caption in enumerate(captions):
+        attended = prompts["attention_mask"][row].bool()
+        inference_prompt = unconditional[row][attended].tolist()
+        assert inference_prompt == [processor.tokenizer.pad_token_id] * (len(inference_prompt) - 1) + [
+            processor.boi_token_id]
+        input_ids, labels = builder.generate(caption, drop_caption=True)
+        assert input_ids[: len(inference_prompt)] == inference_prompt
+        kept_ids, kept_labels = builder.generate(caption)
+        assert input_ids[len(inference_prompt) :] == kept_ids[len(inference_prompt) :]
+        assert labels == kept_labels
+        examples.append({"input_ids": input_ids, "labels": labels, "skipped_images": 0})
+    # Training attends to the dropped prompt as inference attends to the unconditional one: every token from the first.
+    batch = collate_sequences(examples, processor.tokenizer.pad_token_id)
+    for row in range(len(captions)):
+        length = int(prompts["attention_mask"][row].sum())
+        assert batch["attention_mask"][row, :length].all()
+
+
+def test_caption_dropout_depends_on_seed_epoch_and_item_only(pairs_file):
+    pairs = datasets.Dataset.from_list([{"image": str(pairs_file.parent / "0.png"), "text": f"caption {index}"}
+                                        for index in range(64)])
+    builder = SequenceBuilder(build_tiny_processor())
+
+    def dropped(seed: int, epoch: int) -> list[bool]:
+        dataset = CaptionPairsDataset(pairs, ("caption", "generate"), builder, caption_dropout=0.25, seed=seed)
+        dataset.set_epoch(epoch)
+        return [dataset.drops_caption(index) for index in range(1, len(dataset), 2)]
+
+    first = dropped(seed=0, epoch=0)
+    assert first == dropped(seed=0, epoch=0)
+    assert first != dropped(seed=0, epoch=1) and first != dropped(seed=1, epoch=0)
+    assert 6 <= sum(first) <= 26  # 16 expected of 64
+    dataset = CaptionPairsDataset(pairs, ("caption", "generate"), builder, caption_dropout=0.25)
+    index = 2 * first.index(True) + 1
+    assert (dataset[index]["input_ids"], dataset[index]["labels"]) == builder.generate(
+        pairs[index // 2]["text"], drop_caption=True)
+    kept = 2 * first.index(False) + 1
+    assert dataset[kept]["input_ids"] == builder.generate(pairs[kept // 2]["text"])[0]
+    assert dataset[index - 1]["input_ids"] == builder.caption(pairs[index // 2]["text"])[0]  # captioning never drops
+
+
+def test_caption_dropout_defaults_to_the_stages_with_text_to_image(tmp_path, pairs_file):
+    def caption_dropout(stage: str, *extra: str) -> float:
+        args = train_unified.parse_args(script_args(stage, tmp_path, pairs_file, tmp_path / "out", *extra))
+        return args.caption_dropout
+
+    assert {stage: caption_dropout(stage) for stage in STAGES} == {
+        "align": 0.0, "understand": 0.0, "generate": CAPTION_DROPOUT, "joint": CAPTION_DROPOUT}
+    assert caption_dropout("joint", "--caption_dropout", "0") == 0.0
+    for stage, value in [("align", "0.1"), ("generate", "1.5")]:
+        with pytest.raises(SystemExit):
+            caption_dropout(stage, "--caption_dropout", value)
 
 
 def test_the_caption_sequence_has_its_loss_on_the_reply_only():
@@ -187,6 +274,59 @@ def test_an_unreadable_image_gives_the_next_pair_and_is_counted(tmp_path, pairs_
     assert (second["input_ids"], second["labels"]) == builder.generate("a small grey cat")
     expected = builder.processor.image_processor(PIL.Image.open(pairs_file.parent / "1.png"), return_tensors="pt")
     torch.testing.assert_close(first["pixel_values"], expected["pixel_values"][0])
+
+
+@pytest.fixture(scope="module")
+def llm_and_tokenizer(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny causal LM folder with its text tokenizer, and a (random-weight) vision tokenizer folder."""
+    folder = tmp_path_factory.mktemp("parts")
+    build_tiny_text_tokenizer(folder / "llm")
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(DualTokenConfig.from_preset("tiny").text_config).save_pretrained(folder / "llm")
+    save_tokenizer_folder(DualTokenVisionModel(DualTokenVisionConfig.from_preset("tiny")), folder / "tokenizer")
+    return folder / "llm", folder / "tokenizer"
+
+
+def test_stage_one_starts_from_an_llm_and_a_trained_tokenizer(tmp_path, llm_and_tokenizer, pairs_file):
+    llm_dir, tokenizer_dir = llm_and_tokenizer
+    run("align", None, pairs_file, tmp_path / "out", "--llm_model_name_or_path", str(llm_dir),
+        "--tokenizer_model_name_or_path", str(tokenizer_dir), "--preset", "tiny")
+    set_seed(0)  # the script's seed: the same new projector and heads
+    assembled, _ = assemble_unified(DualTokenVisionModel.from_pretrained(tokenizer_dir), llm_dir, "tiny")
+    before, after = assembled.state_dict(), weights(tmp_path / "out")
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {name for name in before if name.startswith("image_projector.")}
+    for name, value in DualTokenVisionModel.from_pretrained(tokenizer_dir).state_dict().items():
+        assert torch.equal(after[f"vision_tokenizer.{name}"], value), name
+    for name, value in AutoModelForCausalLM.from_pretrained(llm_dir).model.state_dict().items():
+        assert torch.equal(after[f"language_model.{name}"], value), name
+    processor = load_processor(tmp_path / "out")
+    assert processor.image_token_id == load_unified(tmp_path / "out").config.image_token_id
+    assert f"the LLM {llm_dir} and the tokenizer {tokenizer_dir}" in (tmp_path / "out" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("start", [
+    (),  # nothing to start from
+    ("--llm_model_name_or_path", "llm"),  # an LLM without a tokenizer
+    ("--model_name_or_path", "unified", "--tokenizer_model_name_or_path", "tokenizer"),  # both ways at once
+])
+def test_a_run_starts_from_a_unified_folder_or_from_an_llm_and_a_tokenizer(tmp_path, pairs_file, start):
+    with pytest.raises(SystemExit):
+        train_unified.parse_args(script_args("align", None, pairs_file, tmp_path / "out", *start))
+
+
+def test_the_final_folder_is_pushed_with_its_card_naming_the_repository(tmp_path, unified_dir, pairs_file,
+                                                                          monkeypatch):
+    pushed = []
+    monkeypatch.setattr(train_unified, "push_output_dir", lambda args, commit_message: pushed.append(
+        (args.hub_model_id, sorted(path.name for path in Path(args.output_dir).iterdir()))))
+    run("align", unified_dir, pairs_file, tmp_path / "out", "--max_train_steps", "1", "--push_to_hub",
+        "--hub_model_id", "me/dualtoken-align")
+    [(repo_id, files)] = pushed
+    assert repo_id == "me/dualtoken-align" and {"README.md", "config.json", "train_summary.json"} <= set(files)
+    assert "me/dualtoken-align" in (tmp_path / "out" / "README.md").read_text()
+    with pytest.raises(SystemExit):
+        train_unified.parse_args(script_args("align", unified_dir, pairs_file, tmp_path / "out", "--push_to_hub"))
 
 
 def test_the_stage_table_is_the_papers():

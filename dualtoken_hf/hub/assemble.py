@@ -51,6 +51,11 @@ def _naming_checkpoint(role: str, path) -> Iterator[None]:
         raise OSError(f"cannot load the {role} checkpoint {str(path)!r}: {error}") from error
 
 
+def _check_preset(preset: str) -> None:
+    if preset not in UNIFIED_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(UNIFIED_PRESETS)}")
+
+
 def _copy_weights(target: torch.nn.Module, source: torch.nn.Module, name: str) -> None:
     missing, unexpected = target.load_state_dict(source.state_dict(), strict=False)
     if missing or unexpected:
@@ -84,14 +89,28 @@ def initialize_unified(
         `(model, processor)`; save them with `dualtoken_hf.hub.save_unified_folder`. The LLM's token embeddings
         grow when the image tokens do not fit its vocabulary.
     """
-    if preset not in UNIFIED_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(UNIFIED_PRESETS)}")
+    _check_preset(preset)
     torch.manual_seed(seed)
     vision_preset = UNIFIED_PRESETS[preset]["vision_preset"]
     with _naming_checkpoint("SigLIP", siglip):
         vision_tokenizer = DualTokenVisionModel.from_siglip(
             siglip, preset=vision_preset, use_safetensors=not allow_pickle
         )
+    return assemble_unified(vision_tokenizer, llm, preset, allow_pickle)
+
+
+def assemble_unified(
+    vision_tokenizer: DualTokenVisionModel,
+    llm: str | os.PathLike,
+    preset: str = "dualtoken-3b",
+    allow_pickle: bool = False,
+) -> tuple[DualTokenForConditionalGeneration, DualTokenProcessor]:
+    """
+    Build a unified model and its processor around a vision tokenizer (e.g. a trained one) and a pretrained causal
+    LM: the image projector and depth heads are new (seed torch first), sized by `preset`; the tokenizer layout is
+    `vision_tokenizer`'s. Arguments and returns as [`initialize_unified`].
+    """
+    _check_preset(preset)
     with _naming_checkpoint("LLM", llm):
         language_model = AutoModelForCausalLM.from_pretrained(llm, use_safetensors=not allow_pickle)
         text_tokenizer = AutoTokenizer.from_pretrained(llm)
@@ -143,4 +162,10 @@ def initialize_unified_folder(
     return model
 
 
-__all__ = ["IMAGE_TOKENS", "extend_text_tokenizer", "initialize_unified", "initialize_unified_folder"]
+__all__ = [
+    "IMAGE_TOKENS",
+    "assemble_unified",
+    "extend_text_tokenizer",
+    "initialize_unified",
+    "initialize_unified_folder",
+]
