@@ -25,8 +25,16 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/demo_tokenizer.py --output_dir outputs
 
-# Fashion-MNIST (Debian package `dataset-fashion-mnist`, MIT) for examples/experiments/table3_mini.py.
-.PHONY: fashion-mnist table3-mini
+# Speed and memory side by side with their baselines (CPU, fp32, < 10 min on 2 cores); rewrites the table in
+# benchmarks/RESULTS.md. The GPU counterpart is benchmarks/gpu.sh.
+.PHONY: bench
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py --write
+
+# Fashion-MNIST (Debian package `dataset-fashion-mnist`, MIT) for the full examples/experiments/table3_mini.py run
+# (37 min on 2 shared cores); `--quick` and its test use the committed tests/data/fashion_mnist_subset.npz,
+# which `make fashion-mnist-subset` rewrites from the Debian files.
+.PHONY: fashion-mnist fashion-mnist-subset table3-mini
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -36,8 +44,11 @@ $(FASHION_MNIST):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
+fashion-mnist-subset: $(STAMP) $(FASHION_MNIST)
+	$(PY) examples/experiments/make_fashion_mnist_subset.py
+
 table3-mini: $(STAMP) $(FASHION_MNIST)
-	$(PY) examples/experiments/table3_mini.py
+	nice $(PY) examples/experiments/table3_mini.py --threads 1
 
 clean:
 	rm -rf $(VENV) build *.egg-info outputs
