@@ -18,7 +18,7 @@ import harness
 HERE = Path(__file__).parent
 # script, extra arguments; ordered so the quick ones report first
 BENCHMARKS = [
-    ("startup.py", ["--repeats", "2"]),
+    ("startup.py", ["--repeats", "1"]),
     ("prefill.py", []),
     ("depth_cache.py", []),
     ("generation.py", []),

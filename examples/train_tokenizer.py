@@ -625,10 +625,7 @@ def train(args: argparse.Namespace, on_exit: contextlib.ExitStack) -> dict:
             if state.global_step >= args.max_train_steps:
                 break
         else:
-            if state.batches_in_epoch == 0:
-                raise RuntimeError("the training data produced no batch")
-            state.epoch += 1
-            state.batches_in_epoch = 0
+            state.end_epoch()
 
     accelerator.wait_for_everyone()
     mismatched = out_of_sync(accelerator, replicated_state(tokenizer, discriminator))

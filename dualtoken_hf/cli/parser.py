@@ -30,35 +30,28 @@ DEFAULT_DESCRIBE_PROMPT = "Describe this image."
 # ---------------------------------------------------------------------------------------------- argument types
 
 
-def positive_int(text: str) -> int:
+def _bounded_int(text: str, low: int, high: float, allowed: str) -> int:
+    """`text` as an integer in [low, high), else an argparse error saying what is `allowed`."""
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+        value = None
+    if value is None or not low <= value < high:
+        raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _bounded_int(text, 1, math.inf, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
+    return _bounded_int(text, 0, math.inf, "an integer >= 0")
 
 
 def seed(text: str) -> int:
     """A random seed: an integer in [0, 2**64), the range of `torch.Generator.manual_seed`."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < 2**64:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64), got {text!r}")
-    return value
+    return _bounded_int(text, 0, 2**64, "an integer in [0, 2**64)")
 
 
 def _number(text: str) -> float:

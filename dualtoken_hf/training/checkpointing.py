@@ -61,6 +61,13 @@ class TrainingState:
     skipped_images: int = 0
     nonfinite_steps: int = 0
 
+    def end_epoch(self):
+        """Move on to the next epoch; an epoch that yielded no batch means the data is empty (or all unreadable)."""
+        if self.batches_in_epoch == 0:
+            raise RuntimeError("the training data produced no batch")
+        self.epoch += 1
+        self.batches_in_epoch = 0
+
     def save(self, checkpoint_dir: str | Path):
         """Write `training_state.json` into `checkpoint_dir` and sync it to disk."""
         with (Path(checkpoint_dir) / TRAINING_STATE_FILE).open("w") as handle:

@@ -585,10 +585,7 @@ class PairsTrainer:
                 if state.global_step >= args.max_train_steps:
                     break
             else:
-                if state.batches_in_epoch == 0:
-                    raise RuntimeError("the training data produced no batch")
-                state.epoch += 1
-                state.batches_in_epoch = 0
+                state.end_epoch()
         accelerator.wait_for_everyone()
         return TrainingResult(model, state, logs, learning_rate, total_batch_size)
 
