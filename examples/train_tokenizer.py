@@ -64,6 +64,7 @@ from dualtoken_hf.training import (
     StreamingImageTrainDataset,
     TrainingState,
     TrainTransform,
+    add_checkpoint_arguments,
     average_gradients,
     claim_output_dir,
     collate_images,
@@ -207,12 +208,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     training.add_argument("--gradient_checkpointing", action="store_true")
     training.add_argument("--mixed_precision", choices=["no", "bf16"], default=None,
                           help="Defaults to the accelerate config. fp16 is not supported (two optimisers, no scaler).")
-    training.add_argument("--checkpointing_steps", type=positive_int, default=500)
-    training.add_argument("--checkpoints_total_limit", type=positive_int, default=None)
-    training.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint folder.")
-    training.add_argument("--max_consecutive_nonfinite", type=positive_int, default=10,
-                          help="Steps with a NaN/inf loss are skipped (no update) and counted; stop after this many "
-                               "in a row.")
+    add_checkpoint_arguments(training)
     training.add_argument("--validation_steps", type=positive_int, default=500,
                           help="Save a reconstruction grid and log validation PSNR/SSIM every this many steps.")
     training.add_argument("--report_to", default="jsonl",

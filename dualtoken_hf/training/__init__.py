@@ -18,6 +18,7 @@ if _missing:
 from .checkpointing import (
     CheckpointSaveError,
     TrainingState,
+    add_checkpoint_arguments,
     claim_output_dir,
     list_checkpoints,
     prune_checkpoints,
@@ -68,6 +69,7 @@ __all__ = [
     "PatchGANDiscriminator",
     "StreamingImageTrainDataset",
     "TrainTransform",
+    "add_checkpoint_arguments",
     "TrainingState",
     "adaptive_generator_weight",
     "average_gradients",

@@ -33,6 +33,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
+from ..cli.parser import positive_int
 from ..hub.locking import FolderLock
 
 
@@ -47,6 +48,16 @@ PARTIAL_MARK = ".tmp-"
 
 class CheckpointSaveError(OSError):
     """Saving a checkpoint failed; its partial folder was removed and the earlier checkpoints are untouched."""
+
+
+def add_checkpoint_arguments(group) -> None:
+    """The flags every training script shares for checkpoints, resumption and non-finite steps (argparse group)."""
+    group.add_argument("--checkpointing_steps", type=positive_int, default=500)
+    group.add_argument("--checkpoints_total_limit", type=positive_int, default=None)
+    group.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint folder.")
+    group.add_argument("--max_consecutive_nonfinite", type=positive_int, default=10,
+                       help="Steps with a NaN/inf loss are skipped (no update) and counted; stop after this many in a "
+                            "row.")
 
 
 @dataclasses.dataclass

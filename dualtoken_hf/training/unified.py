@@ -46,7 +46,14 @@ from ..hub.locking import LOCK_FILE
 from ..image_processing_dualtoken import open_image
 from ..modeling_dualtoken import unconditional_input_ids
 from ..processing_dualtoken import DualTokenProcessor
-from .checkpointing import TrainingState, claim_output_dir, prune_checkpoints, resolve_checkpoint, save_checkpoint
+from .checkpointing import (
+    TrainingState,
+    add_checkpoint_arguments,
+    claim_output_dir,
+    prune_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .data import MAX_CONSECUTIVE_UNREADABLE, without_global_rng
 from .hub import OUTPUT_DIR_IGNORE_PATTERNS, HubUploader
 from .nonfinite import NonFiniteGuard
@@ -328,10 +335,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, learning_rate_help: 
     training.add_argument("--gradient_checkpointing", action="store_true")
     training.add_argument("--mixed_precision", choices=["no", "bf16"], default=None,
                           help="Defaults to the accelerate config.")
-    training.add_argument("--checkpointing_steps", type=positive_int, default=500)
-    training.add_argument("--checkpoints_total_limit", type=positive_int, default=None)
-    training.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint folder.")
-    training.add_argument("--max_consecutive_nonfinite", type=positive_int, default=10)
+    add_checkpoint_arguments(training)
     training.add_argument("--report_to", default="jsonl",
                           help=f"Comma-separated trackers besides <output_dir>/logs/{log_name}.jsonl (always "
                                "written): tensorboard, wandb, ... or all.")
