@@ -563,10 +563,7 @@ def train(args: argparse.Namespace, on_exit: contextlib.ExitStack) -> dict:
     logs = {}
     micro_batch_logs = []
     while state.global_step < args.max_train_steps:
-        train_dataset.set_epoch(state.epoch)
-        train_dataloader.set_epoch(state.epoch)
-        batches = (accelerator.skip_first_batches(train_dataloader, state.batches_in_epoch)
-                   if state.batches_in_epoch else train_dataloader)
+        batches = state.epoch_batches(accelerator, train_dataloader, train_dataset)
         for batch in without_global_rng(batches):
             pixel_values = batch["pixel_values"]
             gan_active = state.global_step >= recipe["gan_start_step"]

@@ -72,6 +72,15 @@ class TrainingState:
     skipped_images: int = 0
     nonfinite_steps: int = 0
 
+    def epoch_batches(self, accelerator: Accelerator, dataloader, dataset):
+        """The current epoch's batches from where this state stands in it (after a resume: the rest of the epoch);
+        `dataset` and `dataloader` are told the epoch first, so shuffling and augmentation follow it."""
+        dataset.set_epoch(self.epoch)
+        dataloader.set_epoch(self.epoch)
+        if self.batches_in_epoch:
+            return accelerator.skip_first_batches(dataloader, self.batches_in_epoch)
+        return dataloader
+
     def end_epoch(self):
         """Move on to the next epoch; an epoch that yielded no batch means the data is empty (or all unreadable)."""
         if self.batches_in_epoch == 0:

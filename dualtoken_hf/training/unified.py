@@ -551,10 +551,7 @@ class PairsTrainer:
         trained_parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
         logs, micro_batch_logs = {}, []
         while state.global_step < args.max_train_steps:
-            train_dataloader.set_epoch(state.epoch)
-            train_dataset.set_epoch(state.epoch)
-            batches = (accelerator.skip_first_batches(train_dataloader, state.batches_in_epoch)
-                       if state.batches_in_epoch else train_dataloader)
+            batches = state.epoch_batches(accelerator, train_dataloader, train_dataset)
             for batch in without_global_rng(batches):
                 skipped_images = batch.pop("skipped_images")
                 nonfinite_guard.before_forward()
