@@ -64,3 +64,15 @@ def reference_dir() -> Path:
 @pytest.fixture(scope="session", params=["v1", "v2"])
 def official(request, reference_dir) -> OfficialReference:
     return OfficialReference(request.param)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_folder(tmp_path_factory) -> Path:
+    """A tiny random-weight tokenizer (seed 0) with its image processor, saved as a folder."""
+    from dualtoken_hf import DualTokenImageProcessor, DualTokenVisionConfig, DualTokenVisionModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tokenizer")
+    DualTokenVisionModel(DualTokenVisionConfig.from_preset("tiny")).save_pretrained(folder)
+    DualTokenImageProcessor.from_preset("tiny").save_pretrained(folder)
+    return folder

@@ -65,15 +65,6 @@ def photos(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tokenizer_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tokenizer")
-    DualTokenVisionModel(DualTokenVisionConfig.from_preset("tiny")).save_pretrained(folder)
-    DualTokenImageProcessor.from_preset("tiny").save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def unified_folder(tmp_path_factory):
     return build_tiny_unified(tmp_path_factory.mktemp("unified"))
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dualtoken_hf import DualTokenImageProcessor, DualTokenVisionConfig, DualTokenVisionModel
+from dualtoken_hf import DualTokenImageProcessor, DualTokenVisionModel
 from dualtoken_hf.cli import main
 from dualtoken_hf.evaluation import ImageFolder
 from dualtoken_hf.image_processing_dualtoken import open_image
@@ -200,15 +200,6 @@ def wild_folder(tmp_path_factory) -> Path:
     for case in CASES.values():
         (folder / case.filename).write_bytes(case.data())
     PIL.Image.fromarray(gradient(80, 70)).save(folder / GOOD_FILE)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tokenizer_folder(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tokenizer")
-    DualTokenVisionModel(DualTokenVisionConfig.from_preset("tiny")).save_pretrained(folder)
-    DualTokenImageProcessor.from_preset("tiny").save_pretrained(folder)
     return folder
 
 

@@ -8,7 +8,7 @@ import PIL.Image
 import pytest
 import torch
 
-from dualtoken_hf import DualTokenImageProcessor, DualTokenVisionConfig, DualTokenVisionModel
+from dualtoken_hf import DualTokenImageProcessor, DualTokenVisionModel
 from dualtoken_hf.cli import main
 from dualtoken_hf.cli.files import join_code_files, load_codes, save_codes
 from dualtoken_hf.cli.partial_codes import PARTS_FILE, RUN_FILE, partial_folder
@@ -16,15 +16,6 @@ from dualtoken_hf.cli.partial_codes import PARTS_FILE, RUN_FILE, partial_folder
 
 IMAGES = 10
 BATCH = 3
-
-
-@pytest.fixture(scope="module")
-def tokenizer_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tokenizer")
-    DualTokenVisionModel(DualTokenVisionConfig.from_preset("tiny")).save_pretrained(folder)
-    DualTokenImageProcessor.from_preset("tiny").save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
