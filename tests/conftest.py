@@ -1,5 +1,10 @@
+import importlib.util
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +81,40 @@ def tokenizer_folder(tmp_path_factory) -> Path:
     DualTokenVisionModel(DualTokenVisionConfig.from_preset("tiny")).save_pretrained(folder)
     DualTokenImageProcessor.from_preset("tiny").save_pretrained(folder)
     return folder
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_example(path: Path):
+    """An example script (`examples/*.py`) imported as a module, so tests can call its `parse_args` and `main`."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def launch_on_two_cpu_processes(script: Path, args: list[str], timeout: float) -> None:
+    """Run `script args` as 2 CPU processes (DDP over gloo) and assert it succeeded.
+
+    `accelerate launch --cpu` starts a single process unless MPI is configured; `--multi_gpu` with ACCELERATE_USE_CPU
+    starts 2 CPU processes through torchrun, i.e. DDP exactly as on GPUs. The launcher gets its own process group, so
+    on a timeout it AND its workers die (a worker left alone would wait forever).
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), str(script), *args,
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                                start_new_session=True)
+    try:
+        _, stderr = launcher.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        _, stderr = launcher.communicate()
+    assert launcher.returncode == 0, stderr[-4000:]

@@ -2,7 +2,6 @@
 `PeftModel.from_pretrained` to the outputs of the model it trained, the base model is untouched, and the folder with
 its card is pushed through huggingface_hub (a recording `HfApi` here, offline)."""
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -20,19 +19,14 @@ from dualtoken_hf.testing import build_tiny_unified
 from dualtoken_hf.training import hub
 from dualtoken_hf.training.unified import SequenceBuilder, collate_sequences, lora_target_modules
 
+from conftest import load_example
+
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "finetune_lora.py"
 
 
-def load_script(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-finetune_lora = load_script(SCRIPT)
+finetune_lora = load_example(SCRIPT)
 
 
 class RecordingApi(HfApi):

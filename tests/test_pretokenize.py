@@ -1,13 +1,7 @@
 """examples/pretokenize.py on a tiny random tokenizer: the codes are those of a direct `encode`, unreadable images
 are skipped and counted, and an interrupted run resumes without redoing its finished chunks."""
 
-import importlib.util
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -20,19 +14,14 @@ from dualtoken_hf import DualTokenImageProcessor, DualTokenVisionConfig, DualTok
 from dualtoken_hf.hub import save_tokenizer_folder
 from dualtoken_hf.hub.locking import LOCK_FILE
 
+from conftest import launch_on_two_cpu_processes, load_example
+
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "pretokenize.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("pretokenize", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-pretokenize = load_script()
+pretokenize = load_example(SCRIPT)
 
 
 @pytest.fixture(scope="module")
@@ -148,33 +137,12 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path, tokenizer_dir):
         run(data_dir, tmp_path / "codes", tokenizer_dir, "--chunk_size", "5")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_write_one_shard_each_and_together_the_single_process_output(tmp_path, tokenizer_dir):
     data_dir = tmp_path / "images"
     write_images(data_dir, 5, broken=(3,))
     run(data_dir, tmp_path / "single", tokenizer_dir)
-    # As in test_train_tokenizer: `--multi_gpu` with ACCELERATE_USE_CPU starts 2 CPU processes through torchrun.
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(SCRIPT),
-        *script_args(data_dir, tmp_path / "two", tokenizer_dir),
-    ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
-                                start_new_session=True)
-    try:
-        _, stderr = launcher.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, signal.SIGKILL)
-        _, stderr = launcher.communicate()
-    assert launcher.returncode == 0, stderr[-4000:]
+    launch_on_two_cpu_processes(SCRIPT, script_args(data_dir, tmp_path / "two", tokenizer_dir), timeout=180)
 
     files = sorted(path.name for path in (tmp_path / "two" / "data").iterdir())
     assert files == ["train-00000-of-00002-00000.parquet", "train-00001-of-00002-00000.parquet"]

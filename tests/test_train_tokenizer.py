@@ -7,8 +7,6 @@ import json
 import logging
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -27,25 +25,12 @@ from transformers import AutoImageProcessor, AutoModel, SiglipVisionModel
 from dualtoken_hf import DualTokenImageProcessor, DualTokenVisionConfig, DualTokenVisionModel
 from dualtoken_hf.training import hub, read_jsonl, warmup_warning
 
+from conftest import launch_on_two_cpu_processes, load_example
+
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_tokenizer.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_tokenizer", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_tokenizer = load_script()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+train_tokenizer = load_example(SCRIPT)
 
 
 def write_photos(folder: Path, count: int) -> Path:
@@ -222,26 +207,10 @@ def test_resuming_a_streamed_tar_shard_run_is_exact(tmp_path):
 def test_two_process_ddp_run_keeps_codebooks_identical(tmp_path):
     data_dir = write_photos(tmp_path / "photos", 8)
     output_dir = tmp_path / "out"
-    # `accelerate launch --cpu` starts a single process unless MPI is configured; `--multi_gpu` with
-    # ACCELERATE_USE_CPU starts 2 CPU processes through torchrun (gloo), i.e. DDP exactly as on GPUs.
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(SCRIPT),
-        *tiny_args(data_dir, output_dir, "--train_batch_size", "2", "--gradient_accumulation_steps", "2",
-                   "--max_train_steps", "2", "--gan_start_step", "0", "--checkpointing_steps", "100",
-                   "--validation_steps", "100"),
-    ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    # Own process group: on a timeout the launcher AND its workers die (a worker left alone would wait forever).
-    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
-                                start_new_session=True)
-    try:
-        _, stderr = launcher.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, signal.SIGKILL)
-        _, stderr = launcher.communicate()
-    assert launcher.returncode == 0, stderr[-4000:]
+    args = tiny_args(data_dir, output_dir, "--train_batch_size", "2", "--gradient_accumulation_steps", "2",
+                     "--max_train_steps", "2", "--gan_start_step", "0", "--checkpointing_steps", "100",
+                     "--validation_steps", "100")
+    launch_on_two_cpu_processes(SCRIPT, args, timeout=180)
     summary = json.loads((output_dir / "train_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["global_step"] == 2
     assert summary["out_of_sync"] == []  # codebook buffers and discriminator weights (GAN on from step 0)

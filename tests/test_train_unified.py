@@ -1,13 +1,7 @@
 """examples/train_unified.py on a tiny random unified model: each stage trains exactly its modules, the sequences
 of its two tasks are those of inference, and a resumed run continues with the same losses."""
 
-import importlib.util
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -34,19 +28,14 @@ from dualtoken_hf.training.unified import (
     collate_sequences,
 )
 
+from conftest import launch_on_two_cpu_processes, load_example
+
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_unified.py"
 
 
-def load_script(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_unified = load_script(SCRIPT)
+train_unified = load_example(SCRIPT)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +203,7 @@ def test_the_caption_sequence_has_its_loss_on_the_reply_only():
 
 
 def test_pretokenized_codes_train_exactly_like_the_images_they_come_from(tmp_path, unified_dir, pairs_file):
-    pretokenize = load_script(ROOT / "examples" / "pretokenize.py")
+    pretokenize = load_example(ROOT / "examples" / "pretokenize.py")
     pretokenize.main(pretokenize.parse_args([
         "--tokenizer_model_name_or_path", str(unified_dir), "--data_files", str(pairs_file),
         "--output_dir", str(tmp_path / "codes"), "--cache_dir", str(tmp_path / "cache"),
@@ -228,31 +217,11 @@ def test_pretokenized_codes_train_exactly_like_the_images_they_come_from(tmp_pat
         assert codes_record == pytest.approx(images_record, rel=1e-5)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_a_two_process_ddp_run_of_a_stage_trains_its_modules(tmp_path, unified_dir, pairs_file):
     output_dir = tmp_path / "out"
-    # As in test_train_tokenizer: `--multi_gpu` with ACCELERATE_USE_CPU starts 2 CPU processes through torchrun.
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(SCRIPT),
-        *script_args("align", unified_dir, pairs_file, output_dir, "--total_batch_size", "4"),
-    ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
-                                start_new_session=True)
-    try:
-        _, stderr = launcher.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, signal.SIGKILL)
-        _, stderr = launcher.communicate()
-    assert launcher.returncode == 0, stderr[-4000:]
+    args = script_args("align", unified_dir, pairs_file, output_dir, "--total_batch_size", "4")
+    launch_on_two_cpu_processes(SCRIPT, args, timeout=240)
     summary = json.loads((output_dir / "train_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["global_step"] == 2
     before, after = weights(unified_dir), weights(output_dir)
