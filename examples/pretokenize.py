@@ -8,13 +8,22 @@
 
 Sources (through `datasets`): an image folder (`--train_data_dir`, with an optional `metadata.jsonl` for captions),
 JSON/JSON Lines or parquet files (`--data_files`; an image column of paths, relative ones read from `--image_root`,
-or of `datasets` images), or a named dataset (`--dataset_name`). Each process encodes its own contiguous shard
-(`dataset.shard(num_shards=num_processes, index=rank)`) in chunks of `--chunk_size` rows, and writes each chunk as
-one parquet file, `<output_dir>/data/train-<rank>-of-<num_processes>-<chunk>.parquet`, with the columns
+or of `datasets` images), webdataset tar shards (`--train_shards "cc12m-{0000..2175}.tar"`: brace ranges expand;
+read with `datasets`' `webdataset` builder, which first converts them to its Arrow cache under `--cache_dir`), or a
+named dataset (`--dataset_name`). The image column is `--image_column` (`image`), or when the data has none the
+first of `jpg`/`jpeg`/`png`/`webp` it has: a webdataset sample's files become columns named by their extension
+(`000.png` -> `png`, `000.txt` -> `txt` as a string, `000.json` -> `json` as a struct, `000.cls` -> `cls` as an
+int, plus `__key__` and `__url__`, the sample's name and shard).
+
+Each process encodes its own contiguous shard (`dataset.shard(num_shards=num_processes, index=rank)`) in chunks of
+`--chunk_size` rows, and writes each chunk as one parquet file,
+`<output_dir>/data/train-<rank>-of-<num_processes>-<chunk>.parquet`, with the columns
 
 - `pixel_codes`, `semantic_codes`: the codes `(h, w, D)` of one image, flattened (row-major) to a list of ints;
 - `pixel_shape`, `semantic_shape`: that `[h, w, D]`;
-- the text column (`--text_column`, by default `text` or `caption` when the dataset has one), copied.
+- every column of the source but its images, copied unchanged with its name and `datasets` type (a caption
+  `text` or `txt`, a `label`, the `conversations` or `messages` of chat data, a webdataset `json` struct, ...):
+  train on a webdataset caption with `examples/train_unified.py --text_column txt`.
 
 Sorted by name, the files hold the readable rows in the source's order. Read them back with
 `datasets.load_dataset("parquet", data_dir="<output_dir>/data", split="train")` and
@@ -23,7 +32,8 @@ Sorted by name, the files hold the readable rows in the source's order. Read the
 Images are opened with the package's one opener (`open_image`); an unreadable one is skipped, logged and counted.
 Interruptions: a chunk file appears only once complete (written aside, then renamed), so a rerun with the same
 arguments skips the finished chunks of every shard and encodes the rest; the settings that decide the contents
-(tokenizer, source, columns, number of processes, chunk size) are recorded and a rerun with other ones is refused.
+(tokenizer, source, its size and copied columns with their types, number of processes, chunk size) are recorded
+and a rerun with other ones is refused.
 At the end `<output_dir>/pretokenize.json` gives the totals (rows written, images skipped).
 """
 
@@ -43,13 +53,13 @@ from tqdm.auto import tqdm
 from dualtoken_hf.cli.parser import non_negative_int, positive_int
 from dualtoken_hf.hub.folders import load_image_processor, load_tokenizer
 from dualtoken_hf.image_processing_dualtoken import open_image
-from dualtoken_hf.training import claim_output_dir, undecoded
+from dualtoken_hf.training import claim_output_dir, resolve_image_column, undecoded
+from dualtoken_hf.training.data import expand_shard_pattern
 from dualtoken_hf.training.unified import data_files_builder, image_source
 
 
 logger = get_logger(__name__)
 
-TEXT_COLUMNS = ("text", "caption")
 SETTINGS_FILE = "settings.json"
 SUMMARY_FILE = "pretokenize.json"
 BRANCHES = ("pixel", "semantic")
@@ -64,12 +74,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--train_data_dir", help="A folder of images (datasets' imagefolder; metadata.jsonl for text).")
     data.add_argument("--data_files", nargs="+",
                       help="JSON / JSON Lines / parquet files (one kind), with an image column of paths or images.")
+    data.add_argument("--train_shards", nargs="+",
+                      help="Webdataset tar shards; brace ranges such as 'cc12m-{0000..2175}.tar' expand.")
     data.add_argument("--dataset_name", help="A dataset on the Hub or a local dataset folder / script.")
     data.add_argument("--dataset_config_name")
     data.add_argument("--split", default="train")
-    data.add_argument("--image_column", default="image")
-    data.add_argument("--text_column",
-                      help=f"Text copied next to the codes (default: the first of {TEXT_COLUMNS} the dataset has).")
+    data.add_argument("--image_column", default="image",
+                      help="Image column (if absent, the first of jpg/jpeg/png/webp present, as in tar shards). "
+                           "Every other column but images is copied next to the codes.")
     data.add_argument("--image_root",
                       help="Folder that relative image paths are read from (default: the folder of the first of "
                            "--data_files).")
@@ -84,9 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="Processes that open and preprocess images, per encoding process.")
 
     args = parser.parse_args(argv)
-    sources = [args.train_data_dir, args.data_files, args.dataset_name]
+    sources = [args.train_data_dir, args.data_files, args.train_shards, args.dataset_name]
     if sum(source is not None for source in sources) != 1:
-        parser.error("give exactly one of --train_data_dir, --data_files and --dataset_name")
+        parser.error("give exactly one of --train_data_dir, --data_files, --train_shards and --dataset_name")
     if args.data_files:
         try:
             data_files_builder(args.data_files)
@@ -95,31 +107,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_source(args) -> datasets.Dataset:
-    """The split to encode, with its image column left undecoded (so unreadable files reach `open_image`)."""
+def load_source(args) -> tuple[datasets.Dataset, str]:
+    """The split to encode and its image column, left undecoded (so unreadable files reach `open_image`)."""
     if args.train_data_dir:
         dataset = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, split=args.split,
                                         cache_dir=args.cache_dir)
     elif args.data_files:
         dataset = datasets.load_dataset(data_files_builder(args.data_files), data_files={args.split: args.data_files},
                                         split=args.split, cache_dir=args.cache_dir)
+    elif args.train_shards:
+        shards = [path for pattern in args.train_shards for path in expand_shard_pattern(pattern)]
+        dataset = datasets.load_dataset("webdataset", data_files={args.split: shards}, split=args.split,
+                                        cache_dir=args.cache_dir)
     else:
         dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.split,
                                         cache_dir=args.cache_dir)
-    if args.image_column not in dataset.column_names:
-        raise ValueError(f"--image_column {args.image_column!r} not found; the dataset has columns "
-                         f"{dataset.column_names}")
-    return undecoded(dataset, args.image_column)
+    image_column = resolve_image_column(dataset, args.image_column)
+    return undecoded(dataset, image_column), image_column
 
 
-def text_column_of(args, dataset: datasets.Dataset) -> str | None:
-    """The column copied next to the codes: `--text_column` (which must exist), else `text`/`caption` if present."""
-    if args.text_column is not None:
-        if args.text_column not in dataset.column_names:
-            raise ValueError(f"--text_column {args.text_column!r} not found; the dataset has columns "
-                             f"{dataset.column_names}")
-        return args.text_column
-    return next((name for name in TEXT_COLUMNS if name in dataset.column_names), None)
+def copied_features(dataset: datasets.Dataset, image_column: str) -> dict:
+    """The source columns written next to the codes, with their types: all but the images."""
+    return {name: feature for name, feature in dataset.features.items()
+            if name != image_column and not isinstance(feature, datasets.Image)}
 
 
 def image_root_of(args) -> Path:
@@ -128,27 +138,26 @@ def image_root_of(args) -> Path:
     return Path(args.data_files[0]).parent if args.data_files else Path.cwd()
 
 
-def output_features(text_column: str | None) -> datasets.Features:
+def output_features(copied: dict) -> datasets.Features:
+    """The codes and shapes of both branches, then the copied source columns."""
     features = {}
     for branch in BRANCHES:
         features[f"{branch}_codes"] = datasets.List(datasets.Value("int32"))
         features[f"{branch}_shape"] = datasets.List(datasets.Value("int32"))
-    if text_column is not None:
-        features[text_column] = datasets.Value("string")
-    return datasets.Features(features)
+    return datasets.Features({**features, **copied})
 
 
 class BatchOpener:
     """Collate rows into pixel values: open each image with `open_image`, skip (log and count) unreadable ones."""
 
-    def __init__(self, image_processor, image_column: str, text_column: str | None, image_root: Path):
+    def __init__(self, image_processor, image_column: str, copied_columns: list[str], image_root: Path):
         self.image_processor = image_processor
         self.image_column = image_column
-        self.text_column = text_column
+        self.copied_columns = copied_columns
         self.image_root = image_root
 
     def __call__(self, rows: list[dict]) -> dict:
-        images, texts, skipped = [], [], 0
+        images, copied, skipped = [], {name: [] for name in self.copied_columns}, 0
         for row in rows:
             try:
                 images.append(open_image(image_source(row[self.image_column], self.image_root)))
@@ -157,10 +166,10 @@ class BatchOpener:
                 logging.getLogger(__name__).warning("skipping unreadable image: %s", error)
                 skipped += 1
                 continue
-            if self.text_column is not None:
-                texts.append(row[self.text_column])
+            for name in self.copied_columns:
+                copied[name].append(row[name])
         pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"] if images else None
-        return {"pixel_values": pixel_values, "texts": texts, "rows": len(rows), "skipped_images": skipped}
+        return {"pixel_values": pixel_values, "copied": copied, "rows": len(rows), "skipped_images": skipped}
 
 
 def check_settings(accelerator: Accelerator, progress_dir: Path, settings: dict):
@@ -182,7 +191,8 @@ def check_settings(accelerator: Accelerator, progress_dir: Path, settings: dict)
 @torch.inference_mode()
 def encode_chunk(tokenizer, rows: datasets.Dataset, opener: BatchOpener, args, device, progress) -> tuple[dict, int]:
     """The output columns of one chunk of rows, and the number of unreadable images skipped in it."""
-    columns = {name: [] for name in output_features(opener.text_column)}
+    columns = {f"{branch}_{kind}": [] for branch in BRANCHES for kind in ("codes", "shape")}
+    columns.update({name: [] for name in opener.copied_columns})
     skipped = 0
     batches = torch.utils.data.DataLoader(rows, batch_size=args.batch_size, collate_fn=opener,
                                           num_workers=args.dataloader_num_workers)
@@ -194,8 +204,8 @@ def encode_chunk(tokenizer, rows: datasets.Dataset, opener: BatchOpener, args, d
                 codes = getattr(output, f"{branch}_codes").cpu()
                 columns[f"{branch}_codes"].extend(codes.flatten(1).tolist())
                 columns[f"{branch}_shape"].extend([list(codes.shape[1:])] * len(codes))
-            if opener.text_column is not None:
-                columns[opener.text_column].extend(batch["texts"])
+            for name, values in batch["copied"].items():
+                columns[name].extend(values)
         progress.update(batch["rows"])
     return columns, skipped
 
@@ -231,23 +241,24 @@ def main(args: argparse.Namespace) -> dict:
     try:
         tokenizer = load_tokenizer(args.tokenizer_model_name_or_path).to(accelerator.device)
         image_processor = load_image_processor(args.tokenizer_model_name_or_path, tokenizer.config)
-        source = load_source(args)
-        text_column = text_column_of(args, source)
+        source, image_column = load_source(args)
+        copied = copied_features(source, image_column)
         world, rank = accelerator.num_processes, accelerator.process_index
         check_settings(accelerator, progress_dir, {
             "tokenizer_model_name_or_path": str(Path(args.tokenizer_model_name_or_path).resolve()),
-            "source": args.train_data_dir or args.data_files or [args.dataset_name, args.dataset_config_name],
+            "source": (args.train_data_dir or args.data_files or args.train_shards
+                       or [args.dataset_name, args.dataset_config_name]),
             "split": args.split,
             "rows": len(source),
-            "image_column": args.image_column,
-            "text_column": text_column,
+            "image_column": image_column,
+            "columns": datasets.Features(copied).to_dict(),
             "num_processes": world,
             "chunk_size": args.chunk_size,
         })
 
         shard = source.shard(num_shards=world, index=rank, contiguous=True)
-        opener = BatchOpener(image_processor, args.image_column, text_column, image_root_of(args))
-        features = output_features(text_column)
+        opener = BatchOpener(image_processor, image_column, list(copied), image_root_of(args))
+        features = output_features(copied)
         num_chunks = math.ceil(len(shard) / args.chunk_size)
         progress = tqdm(total=len(shard), desc="pretokenize", disable=not accelerator.is_local_main_process)
         for chunk in range(num_chunks):

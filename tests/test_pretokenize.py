@@ -1,7 +1,10 @@
-"""examples/pretokenize.py on a tiny random tokenizer: the codes are those of a direct `encode`, unreadable images
-are skipped and counted, and an interrupted run resumes without redoing its finished chunks."""
+"""examples/pretokenize.py on a tiny random tokenizer: the codes are those of a direct `encode` (from image files or
+webdataset tar shards), unreadable images are skipped and counted, every other source column is copied with its
+type, and an interrupted run resumes without redoing its finished chunks."""
 
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import datasets
@@ -149,3 +152,69 @@ def test_two_processes_write_one_shard_each_and_together_the_single_process_outp
     summary = json.loads((tmp_path / "two" / "pretokenize.json").read_text())
     assert summary["rows"] == 4 and summary["skipped_images"] == 1
     assert read_output(tmp_path / "two").to_dict() == read_output(tmp_path / "single").to_dict()
+
+
+def write_shards(image_dir: Path, names: list[str], shard_dir: Path, per_shard: int) -> list[Path]:
+    """Webdataset tar shards `shard-000.tar`, ... of the images in `names`, `per_shard` samples each: sample `i` is
+    `<i>.png` with its caption in `<i>.txt`."""
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for start in range(0, len(names), per_shard):
+        shards.append(shard_dir / f"shard-{start // per_shard:03d}.tar")
+        with tarfile.open(shards[-1], "w") as shard:
+            for index in range(start, min(start + per_shard, len(names))):
+                shard.add(image_dir / names[index], arcname=f"{index:03d}.png")
+                caption = f"caption {index}".encode()
+                member = tarfile.TarInfo(f"{index:03d}.txt")
+                member.size = len(caption)
+                shard.addfile(member, io.BytesIO(caption))
+    return shards
+
+
+def test_webdataset_shards_are_encoded_with_their_captions_and_unreadable_images_are_skipped(tmp_path, tokenizer_dir):
+    image_dir = tmp_path / "images"
+    names = write_images(image_dir, 5, broken=(1,))
+    write_shards(image_dir, names, tmp_path / "shards", per_shard=3)
+    summary = pretokenize.main(pretokenize.parse_args([
+        "--tokenizer_model_name_or_path", str(tokenizer_dir), "--train_shards",
+        str(tmp_path / "shards" / "shard-{000..001}.tar"), "--output_dir", str(tmp_path / "codes"),
+        "--cache_dir", str(tmp_path / "cache"), "--batch_size", "2", "--chunk_size", "3",
+    ]))
+
+    assert summary["rows"] == 4 and summary["skipped_images"] == 1
+    written = read_output(tmp_path / "codes")
+    readable = [0, 2, 3, 4]
+    assert written["txt"] == [f"caption {index}" for index in readable]
+    assert written["__key__"] == [f"{index:03d}" for index in readable]
+    assert "png" not in written.column_names
+    expected = direct_codes(tokenizer_dir, [image_dir / names[index] for index in readable])
+    for branch in ("pixel", "semantic"):
+        codes = torch.tensor(written[f"{branch}_codes"]).view(-1, *expected[branch].shape[1:])
+        torch.testing.assert_close(codes, expected[branch], rtol=0, atol=0)
+
+
+def test_every_column_but_the_image_is_copied_with_its_type_and_a_changed_source_is_refused(tmp_path, tokenizer_dir):
+    data_dir = tmp_path / "images"
+    names = write_images(data_dir, 3, broken=(1,))
+    rows = [{"image": name, "label": index * 7,
+             "conversations": [{"from": "human", "value": f"<image>\nWhat is {index}?"},
+                               {"from": "gpt", "value": f"It is {index}."}]}
+            for index, name in enumerate(names)]
+    chat_file = data_dir / "chat.jsonl"
+    chat_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = ["--tokenizer_model_name_or_path", str(tokenizer_dir), "--data_files", str(chat_file),
+            "--output_dir", str(tmp_path / "codes"), "--cache_dir", str(tmp_path / "cache")]
+    pretokenize.main(pretokenize.parse_args(args))
+
+    written = read_output(tmp_path / "codes")
+    source = datasets.load_dataset("json", data_files=str(chat_file), split="train", cache_dir=str(tmp_path / "cache"))
+    assert {name: written.features[name] for name in ("label", "conversations")} == {
+        "label": source.features["label"], "conversations": source.features["conversations"]}
+    assert written.features["label"] == datasets.Value("int64") and "image" not in written.column_names
+    assert written.select_columns(["label", "conversations"]).to_list() == [
+        {"label": row["label"], "conversations": row["conversations"]} for row in (rows[0], rows[2])]
+
+    # Same file, same rows, but the label became a string: the copied columns differ, so resuming is refused.
+    chat_file.write_text("".join(json.dumps({**row, "label": str(row["label"])}) + "\n" for row in rows))
+    with pytest.raises(ValueError, match="columns: .*int64.* then, .*string.* now"):
+        pretokenize.main(pretokenize.parse_args(args))
