@@ -466,7 +466,14 @@ IMAGE_TOKEN_ID_NAMES = ("image_token_id", "boi_token_id", "eoi_token_id", "pad_t
 LOSS_REDUCTIONS = ("sequence", "per_term")
 
 UNIFIED_PRESETS = {
-    "dualtoken-3b": {"vision_preset": "paper"},
+    "dualtoken-3b": {"vision_preset": "paper", "generation_projector": True},
+    # Heads for a small LLM and a small code grid (the mini DualToken: SmolLM2-135M, Fashion-MNIST); the tokenizer
+    # and LLM settings come from the checkpoints a model is assembled from.
+    "mini": {
+        "vision_preset": "tiny",
+        "generation_projector": True,
+        "depth_head_config": {"num_layers": 2, "hidden_size": 128, "num_attention_heads": 4, "intermediate_size": 256},
+    },
     "tiny": {
         "text_config": {
             "model_type": "qwen2",
@@ -508,6 +515,10 @@ class DualTokenConfig(PreTrainedConfig):
         The two depth-transformer heads (eq. 5); missing settings take the paper values.
     projector_hidden_act (`str`, *optional*, defaults to `"gelu"`):
         Activation of the 2-layer MLP that maps concat(pixel, semantic code embeddings) to the LLM width.
+    generation_projector (`bool`, *optional*, defaults to `False`):
+        Put one generation projector per branch (Linear-GELU-Linear at the LLM width) between the LLM hidden state
+        and that branch's depth head, as the paper's later version does (the `dualtoken-3b` preset). `False` feeds
+        the hidden state straight into the heads, as every config written before this setting existed does.
     freeze_vision_tokenizer (`bool`, *optional*, defaults to `True`):
         Keep the tokenizer frozen (no gradients, eval mode, no codebook updates), as in the paper.
     loss_reduction (`str`, *optional*, defaults to `"sequence"`):
@@ -526,6 +537,11 @@ class DualTokenConfig(PreTrainedConfig):
         Id of the padding token (also fills unconditional prompts for guidance).
     tie_word_embeddings (`bool`, *optional*):
         Tie the LM head to the input embeddings; defaults to the text config's value.
+    base_language_model (`dict`, *optional*):
+        Set in a folder that holds only the trained parts: its weights lack the LLM's, which `from_pretrained` loads
+        from this base LLM (`name_or_path`, `gguf_file` when it is a GGUF file, and its `vocab_size`; the folder
+        keeps the embeddings of the tokens beyond it and the LLM's LoRA adapter), then clears it: the loaded model is
+        complete. `None`: the folder is complete.
     """
 
     model_type = "dualtoken"
@@ -539,6 +555,7 @@ class DualTokenConfig(PreTrainedConfig):
     vision_config: dict | PreTrainedConfig | None = None
     depth_head_config: dict | PreTrainedConfig | None = None
     projector_hidden_act: str = "gelu"
+    generation_projector: bool = False
     freeze_vision_tokenizer: bool = True
     loss_reduction: str = "sequence"
     image_token_id: int = 151665
@@ -546,6 +563,7 @@ class DualTokenConfig(PreTrainedConfig):
     eoi_token_id: int = 151667
     pad_token_id: int | None = 151643
     tie_word_embeddings: bool | None = None
+    base_language_model: dict | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -590,7 +608,8 @@ class DualTokenConfig(PreTrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DualTokenConfig":
-        """`"dualtoken-3b"` (Qwen2.5-3B + the paper tokenizer) or `"tiny"` (tests, docs, benchmarks)."""
+        """`"dualtoken-3b"` (Qwen2.5-3B + the paper tokenizer), `"mini"` (small heads for a small LLM, e.g. the mini
+        DualToken on SmolLM2-135M) or `"tiny"` (tests, docs, benchmarks)."""
         if name not in UNIFIED_PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(UNIFIED_PRESETS)}")
         settings = merge_settings(UNIFIED_PRESETS[name], overrides)

