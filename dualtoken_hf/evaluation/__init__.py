@@ -17,6 +17,7 @@ from .perceptual import (
 from .plugins import MetricNetwork, load_factory
 from .semantic import TeacherOutput, load_teacher, semantic_fidelity, teacher_outputs
 from .tokenizer import TokenizerEvaluator, report_to_markdown
+from .unified import answer_label, generation_accuracy, understanding_accuracy
 from .zero_shot import (
     class_text_embeddings,
     load_class_names,
@@ -37,9 +38,11 @@ __all__ = [
     "MetricNetwork",
     "TeacherOutput",
     "TokenizerEvaluator",
+    "answer_label",
     "build_perceptual_loss",
     "class_text_embeddings",
     "frechet_distance",
+    "generation_accuracy",
     "load_class_names",
     "load_factory",
     "load_teacher",
@@ -52,6 +55,7 @@ __all__ = [
     "semantic_fidelity",
     "ssim",
     "teacher_outputs",
+    "understanding_accuracy",
     "zero_shot_correct",
     "zero_shot_logits",
 ]
