@@ -71,6 +71,12 @@ def test_auto_classes_work_without_remote_code_when_the_package_is_imported(fold
     assert isinstance(AutoProcessor.from_pretrained(folder), DualTokenProcessor)
 
 
+def test_from_pretrained_returns_the_loading_info_when_asked(folder):
+    model, info = DualTokenForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+    assert isinstance(model, DualTokenForConditionalGeneration)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+
+
 def test_text_to_image_pipeline_returns_images_and_is_seeded(folder):
     pipe = pipeline("text-to-image", model=folder, trust_remote_code=True)
     first = pipe("a red fox", guidance_scale=3.0, seed=0, num_images_per_prompt=2)
