@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from dualtoken_hf import DualTokenConfig, DualTokenVisionConfig, DualTokenVisionModel
 from dualtoken_hf.hub.assemble import assemble_unified
 from dualtoken_hf.hub.folders import load_processor, load_unified
-from dualtoken_hf.hub.writing import save_tokenizer_folder
+from dualtoken_hf.hub.writing import save_tokenizer_folder, save_unified_folder
 from dualtoken_hf.testing import build_tiny_processor, build_tiny_text_tokenizer, build_tiny_unified
 from dualtoken_hf.training import read_jsonl
 from dualtoken_hf.training.unified import (
@@ -255,6 +255,38 @@ def llm_and_tokenizer(tmp_path_factory) -> tuple[Path, Path]:
     AutoModelForCausalLM.from_config(DualTokenConfig.from_preset("tiny").text_config).save_pretrained(folder / "llm")
     save_tokenizer_folder(DualTokenVisionModel(DualTokenVisionConfig.from_preset("tiny")), folder / "tokenizer")
     return folder / "llm", folder / "tokenizer"
+
+
+def test_an_llm_read_from_a_gguf_file_is_assembled_and_saved_dequantized(tmp_path, llm_and_tokenizer, monkeypatch):
+    """transformers dequantizes a GGUF LLM to float and records `quantization_config` (quant_method gguf) in its
+    config; carried into the unified config, it made the reloaded model refuse to be saved again."""
+    import dualtoken_hf.hub.assemble as assemble
+
+    llm_dir, tokenizer_dir = llm_and_tokenizer
+    read_from = []
+    load_model, load_text_tokenizer = AutoModelForCausalLM.from_pretrained, assemble.AutoTokenizer.from_pretrained
+
+    def model_from_gguf(path, gguf_file=None, **kwargs):
+        read_from.append(gguf_file)
+        model = load_model(path)
+        model.config.quantization_config = {"quant_method": "gguf", "gguf_file": gguf_file, "dequantize": False}
+        return model
+
+    def text_tokenizer_from_gguf(path, gguf_file=None):
+        read_from.append(gguf_file)
+        return load_text_tokenizer(path)
+
+    monkeypatch.setattr(assemble.AutoModelForCausalLM, "from_pretrained", model_from_gguf)
+    monkeypatch.setattr(assemble.AutoTokenizer, "from_pretrained", text_tokenizer_from_gguf)
+    model, processor = assemble_unified(DualTokenVisionModel.from_pretrained(tokenizer_dir), llm_dir, "tiny",
+                                        gguf_file="llm.Q4_1.gguf")
+    assert read_from == ["llm.Q4_1.gguf", "llm.Q4_1.gguf"]
+    save_unified_folder(model, processor, tmp_path / "assembled")
+    assert "quantization_config" not in json.loads((tmp_path / "assembled" / "config.json").read_text())["text_config"]
+    reloaded = load_unified(tmp_path / "assembled")
+    save_unified_folder(reloaded, processor, tmp_path / "again")
+    assert torch.equal(weights(tmp_path / "again")["image_projector.linear_1.weight"],
+                       model.state_dict()["image_projector.linear_1.weight"])
 
 
 def test_stage_one_starts_from_an_llm_and_a_trained_tokenizer(tmp_path, llm_and_tokenizer, pairs_file):

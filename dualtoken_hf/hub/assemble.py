@@ -118,6 +118,9 @@ def assemble_unified(
             language_model = AutoModelForCausalLM.from_pretrained(llm, use_safetensors=not allow_pickle)
         else:
             language_model = AutoModelForCausalLM.from_pretrained(llm, gguf_file=gguf_file, dtype=torch.float32)
+            # The weights are dequantized now; a config that still names the GGUF quantization would make
+            # transformers refuse to save the unified model ("quantized with gguf and is not serializable").
+            del language_model.config.quantization_config
         text_tokenizer = AutoTokenizer.from_pretrained(llm, gguf_file=gguf_file)
     token_ids = extend_text_tokenizer(text_tokenizer)
     if len(text_tokenizer) > language_model.config.vocab_size:
