@@ -493,6 +493,23 @@ def test_describe_prints_the_greedy_answer(unified_folder, photos, capsys):
     assert printed == processor.post_process_image_text_to_text(generated[:, inputs["input_ids"].shape[1] :])[0].strip()
 
 
+def test_generate_and_describe_default_to_the_mini_model(unified_folder, photos, tmp_path, capsys, monkeypatch):
+    """Without --model both commands load the model `dualtoken_hf.pretrained.mini_dualtoken_path()` names (here
+    pointed at the tiny folder): the same output as naming that folder."""
+    import dualtoken_hf.cli.unified as unified_cli
+
+    monkeypatch.setattr(unified_cli, "mini_dualtoken_path", lambda: unified_folder)
+    answers = []
+    for argv in (["--model", str(unified_folder)], []):
+        name = "named" if argv else "default"
+        assert main(["generate", *argv, "a coat", "--output", str(tmp_path / f"{name}.png"), "--seed", "0"]) == 0
+        capsys.readouterr()
+        assert main(["describe", *argv, str(photos / "chelsea.jpg"), "--max-new-tokens", "4"]) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "named.png")), np.asarray(Image.open(tmp_path / "default.png")))
+
+
 def test_describe_bounds_the_answer_by_the_model_context(unified_folder, photos, capsys):
     argv = ["describe", "--model", str(unified_folder), str(photos / "chelsea.jpg"), "--device", "cpu"]
     line = run_failing(capsys, argv + ["--max-new-tokens", "100000000"], "describe", "--max-new-tokens must be at most")
@@ -726,7 +743,7 @@ def test_importing_the_cli_imports_no_model_libraries():
     [
         (["--help"], 0, "convert-official"),
         (["tokenize", "--model", "m", "i.png", "--output", "c", "--batch-size", "x"], 2, "must be a positive integer"),
-        (["generate", "a fox"], 2, "the following arguments are required: --model, --output"),
+        (["generate", "a fox"], 2, "the following arguments are required: --output"),
         (["no-such-command"], 2, "invalid choice: 'no-such-command'"),
     ],
 )

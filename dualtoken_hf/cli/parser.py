@@ -136,6 +136,7 @@ class LazyChoices:
 
 TOKENIZER_OR_UNIFIED = "a DualToken tokenizer folder, or a unified model folder (its vision tokenizer is used)"
 UNIFIED_ONLY = "a unified DualToken model folder (model_type 'dualtoken')"
+UNIFIED_OR_MINI = f"{UNIFIED_ONLY}; default: the mini DualToken shipped with the package (Fashion-MNIST)"
 NUMBERED_OUTPUTS = "OUT.png for one image, OUT-0.png, OUT-1.png, ... for several"
 
 
@@ -265,7 +266,7 @@ def _reconstruct_arguments(parser) -> None:
 
 
 def _generate_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, metavar="DIR", help=UNIFIED_ONLY)
+    parser.add_argument("--model", metavar="DIR", help=UNIFIED_OR_MINI)
     _add_device(parser)
     parser.add_argument("prompt", metavar="PROMPT", help="what to draw")
     parser.add_argument("--output", required=True, metavar="OUT.png", help=f"where to write: {NUMBERED_OUTPUTS}")
@@ -285,7 +286,7 @@ def _generate_arguments(parser) -> None:
 
 
 def _describe_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, metavar="DIR", help=UNIFIED_ONLY)
+    parser.add_argument("--model", metavar="DIR", help=UNIFIED_OR_MINI)
     _add_device(parser)
     parser.add_argument("image", metavar="IMAGE", help="image file")
     parser.add_argument(
@@ -378,14 +379,14 @@ SUBCOMMANDS = {
         "run_generate",
         _generate_arguments,
         f"text to image with a unified model ({NUMBERED_OUTPUTS})",
-        'dualtoken generate --model dualtoken-3b "a red fox in the snow" --output fox.png --seed 0',
+        'dualtoken generate "a close-up picture of a sneaker." --output sneaker.png --seed 0',
     ),
     "describe": Subcommand(
         "unified",
         "run_describe",
         _describe_arguments,
         "answer a prompt about an image with a unified model (greedy decoding) and print the answer",
-        'dualtoken describe --model dualtoken-3b photo.jpg --prompt "What is the cat doing?"',
+        'dualtoken describe coat.png --prompt "What is in this image?"',
     ),
     "export": Subcommand(
         "publish",

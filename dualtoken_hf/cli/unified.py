@@ -3,15 +3,23 @@
 import torch
 
 from ..hub.folders import load_processor, load_unified
+from ..pretrained import mini_dualtoken_path
 from .codes import write_images
 from .files import check_image_output, open_images
+
+
+def load_model_and_processor(args):
+    """The unified model of `--model` (default: the mini DualToken shipped with the package) on `--device`, and
+    its processor."""
+    path = args.model or mini_dualtoken_path()
+    return load_unified(path).to(args.device), load_processor(path)
 
 
 def run_generate(args) -> None:
     if not args.prompt.strip():
         raise ValueError("the prompt is empty")
     check_image_output(args.output)
-    model, processor = load_unified(args.model).to(args.device), load_processor(args.model)
+    model, processor = load_model_and_processor(args)
     inputs = processor(text=[args.prompt], generation_mode="image", return_tensors="pt").to(args.device)
     generator = torch.Generator(args.device).manual_seed(args.seed) if args.seed is not None else None
     pixel_codes = model.generate(
@@ -48,7 +56,7 @@ def _check_answer_fits(text_config, prompt_length: int, max_new_tokens: int) -> 
 
 def run_describe(args) -> None:
     (image,) = open_images([args.image])
-    model, processor = load_unified(args.model).to(args.device), load_processor(args.model)
+    model, processor = load_model_and_processor(args)
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": args.prompt}]}]
     inputs = processor.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
