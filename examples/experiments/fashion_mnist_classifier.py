@@ -34,7 +34,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from table3_mini import CLASS_NAMES, DEBIAN_DATA, SUBSET_DATA, load_fashion_mnist  # noqa: E402
+from table3_mini import CLASS_NAMES, add_data_argument, load_fashion_mnist  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -153,13 +153,7 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", type=Path, required=True, help="where classifier.safetensors/.json go")
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=DEBIAN_DATA if (DEBIAN_DATA / "train-images-idx3-ubyte.gz").is_file() else SUBSET_DATA,
-        help="a folder with the Fashion-MNIST idx .gz files (default: the Debian package's when installed) or an .npz"
-        " subset (default otherwise: the committed tests/data/fashion_mnist_subset.npz)",
-    )
+    add_data_argument(parser)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--learning_rate", type=float, default=3e-3, help="peak of the one-cycle schedule (AdamW)")

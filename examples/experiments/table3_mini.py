@@ -172,9 +172,8 @@ BUDGETS = {
 TEACHER_SEED = 0
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="few steps, one seed, the committed subset's sizes")
+def add_data_argument(parser: argparse.ArgumentParser) -> None:
+    """`--data`: the Debian package's Fashion-MNIST when installed, else the committed subset."""
     parser.add_argument(
         "--data",
         type=Path,
@@ -182,6 +181,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="a folder with the Fashion-MNIST idx .gz files (default: the Debian package's when installed) or an .npz"
         " subset (default otherwise: the committed tests/data/fashion_mnist_subset.npz)",
     )
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few steps, one seed, the committed subset's sizes")
+    add_data_argument(parser)
     parser.add_argument("--output", type=Path, default=Path(__file__).with_name("table3_mini_results.md"))
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (part of what a run reproduces)")
     parser.add_argument(
