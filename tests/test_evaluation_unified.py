@@ -159,6 +159,15 @@ def test_generation_accuracy_at_guidance_one_samples_the_conditional_model(model
     torch.testing.assert_close(report["images"], model.decode_image_tokens(pixel_codes))
 
 
+def test_generation_accuracy_passes_sampling_settings_to_generate(model, processor):
+    report = generation_accuracy(model, processor, brightness_class, {0: ["a coat"]}, 2, 3.0, 0, 2,
+                                 return_images=True, top_k=1)
+    inputs = processor(text=["a coat"] * 2, generation_mode="image", return_tensors="pt")
+    greedy = model.generate(**inputs, generation_mode="image", guidance_scale=3.0, do_sample=False)
+    torch.testing.assert_close(report["images"], model.decode_image_tokens(greedy))
+    assert report["sampling"] == {"top_k": 1}
+
+
 def test_generation_accuracy_confusion_covers_the_classifiers_classes(model, processor):
     report = generation_accuracy(model, processor, lambda images: [4] * len(images), {1: ["a bag"]}, 1, 3.0, 0, 1)
     assert report["confusion"] == [[0] * 5, [0, 0, 0, 0, 1], *[[0] * 5] * 3]

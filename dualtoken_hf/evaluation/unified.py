@@ -73,6 +73,7 @@ def generation_accuracy(
     batch_size: int,
     num_classes: int | None = None,
     return_images: bool = False,
+    **sampling,
 ) -> dict:
     """
     Text-to-image accuracy: generate images from each class's prompts and count those that `classify` puts in the
@@ -95,6 +96,7 @@ def generation_accuracy(
         num_classes: the classifier's number of classes (the size of `confusion`); default: enough for every
             prompted class and every returned label.
         return_images: also return the decoded images.
+        sampling: further sampling settings of `generate` (`temperature`, `top_k`, `top_p`).
 
     Returns:
         `dict` with `accuracy`, `per_class_accuracy` (class -> accuracy), `confusion` (counts, `[true][predicted]`,
@@ -122,7 +124,7 @@ def generation_accuracy(
             prompts, batch_labels = zip(*jobs[start : start + batch_size])
             inputs = processor(text=list(prompts), generation_mode="image", return_tensors="pt").to(model.device)
             pixel_codes = model.generate(
-                **inputs, generation_mode="image", guidance_scale=model_guidance_scale, generator=generator
+                **inputs, generation_mode="image", guidance_scale=model_guidance_scale, generator=generator, **sampling
             )
             decoded = model.decode_image_tokens(pixel_codes).float().cpu()
             batch_predictions = [int(prediction) for prediction in classify(decoded)]
@@ -139,7 +141,7 @@ def generation_accuracy(
             progress.update(len(batch_labels))
 
     report = _confusion_report(labels, predictions, num_classes or max(labels + predictions) + 1)
-    report.update(labels=labels, predictions=predictions, guidance_scale=guidance_scale, seed=seed)
+    report.update(labels=labels, predictions=predictions, guidance_scale=guidance_scale, seed=seed, sampling=sampling)
     if return_images:
         report["images"] = torch.cat(images)
     return report
