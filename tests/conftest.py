@@ -7,10 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+
+from dualtoken_hf.testing import build_tiny_unified
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -118,3 +122,21 @@ def launch_on_two_cpu_processes(script: Path, args: list[str], timeout: float) -
         os.killpg(launcher.pid, signal.SIGKILL)
         _, stderr = launcher.communicate()
     assert launcher.returncode == 0, stderr[-4000:]
+
+
+# Shared by the unified-training tests (stages, data, LoRA, generation projectors).
+@pytest.fixture(scope="module")
+def unified_dir(tmp_path_factory) -> Path:
+    return Path(build_tiny_unified(tmp_path_factory.mktemp("unified")))
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> Path:
+    """Four image-caption pairs as JSON Lines with image paths relative to the file."""
+    folder = tmp_path_factory.mktemp("pairs")
+    rng = np.random.default_rng(0)
+    with open(folder / "pairs.jsonl", "w") as pairs:
+        for index, caption in enumerate(["a red fox", "a small grey cat", "a cup of hot coffee", "a tall rocket"]):
+            PIL.Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(folder / f"{index}.png")
+            pairs.write(json.dumps({"image": f"{index}.png", "text": caption}) + "\n")
+    return folder / "pairs.jsonl"

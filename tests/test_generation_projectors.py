@@ -17,7 +17,7 @@ from dualtoken_hf.hub.folders import load_unified
 from dualtoken_hf.testing import build_tiny_unified
 from dualtoken_hf.training.unified import STAGES, apply_stage, lora_target_modules
 
-from test_train_unified import pairs_file, run, weights  # noqa: F401 (pairs_file is a fixture)
+from test_train_unified import run, weights
 
 
 OLD_FORMAT = Path(__file__).parent / "data" / "old_format_configs"

@@ -23,7 +23,7 @@ from dualtoken_hf.hub.writing import save_tokenizer_folder, save_unified_folder
 from dualtoken_hf.modeling_dualtoken import EXTRA_EMBEDDINGS_KEY, LANGUAGE_MODEL_ADAPTER
 from dualtoken_hf.testing import build_tiny_text_tokenizer
 
-from test_train_unified import pairs_file, run, train_unified, unified_dir  # noqa: F401 (fixtures)
+from test_train_unified import run, train_unified
 
 
 BASE_VOCAB_SIZE = 509  # the tiny tokenizer's image tokens (509..511) are new to the base LLM

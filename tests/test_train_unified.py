@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import datasets
-import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -16,7 +15,7 @@ from dualtoken_hf import DualTokenConfig, DualTokenVisionConfig, DualTokenVision
 from dualtoken_hf.hub.assemble import assemble_unified
 from dualtoken_hf.hub.folders import load_processor, load_unified
 from dualtoken_hf.hub.writing import save_tokenizer_folder, save_unified_folder
-from dualtoken_hf.testing import build_tiny_processor, build_tiny_text_tokenizer, build_tiny_unified
+from dualtoken_hf.testing import build_tiny_processor, build_tiny_text_tokenizer
 from dualtoken_hf.training import read_jsonl
 from dualtoken_hf.training.unified import (
     CAPTION_DROPOUT,
@@ -37,23 +36,6 @@ SCRIPT = ROOT / "examples" / "train_unified.py"
 
 
 train_unified = load_example(SCRIPT)
-
-
-@pytest.fixture(scope="module")
-def unified_dir(tmp_path_factory) -> Path:
-    return Path(build_tiny_unified(tmp_path_factory.mktemp("unified")))
-
-
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory) -> Path:
-    """Four image-caption pairs as JSON Lines with image paths relative to the file."""
-    folder = tmp_path_factory.mktemp("pairs")
-    rng = np.random.default_rng(0)
-    with open(folder / "pairs.jsonl", "w") as pairs:
-        for index, caption in enumerate(["a red fox", "a small grey cat", "a cup of hot coffee", "a tall rocket"]):
-            PIL.Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(folder / f"{index}.png")
-            pairs.write(json.dumps({"image": f"{index}.png", "text": caption}) + "\n")
-    return folder / "pairs.jsonl"
 
 
 def script_args(stage: str, model_dir: Path | None, pairs_file: Path | None, output_dir: Path,

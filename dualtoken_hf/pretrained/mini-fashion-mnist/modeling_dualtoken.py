@@ -354,7 +354,7 @@ class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixi
             )
             for branch in BRANCHES
         )
-        # CODEPATH: the `dualtoken-3b` preset (the paper's later version) has generation projectors; the `tiny` preset
+        # CODEPATH: the `dualtoken-3b` (the paper's later version) and `mini` presets have generation projectors; `tiny`
         # and every config written before the setting existed do not, and feed the hidden state straight to the heads.
         if config.generation_projector:
             self.pixel_generation_projector, self.semantic_generation_projector = (
@@ -366,7 +366,9 @@ class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixi
         if config.freeze_vision_tokenizer:
             self.vision_tokenizer.requires_grad_(False)
         self.post_init()
-        # A trained-parts-only folder has no LLM weights: `from_pretrained` loads them from the base LLM.
+        # CODEPATH: a trained-parts-only folder (the mini DualToken in dualtoken_hf/pretrained, folders written with
+        # `--trained_parts_only`) has no LLM weights, which `from_pretrained` loads from the base LLM; every complete
+        # folder (presets, `build_tiny_unified`, `dualtoken init`, stage outputs) has `base_language_model=None`.
         if config.base_language_model is not None:
             self._keys_to_ignore_on_load_missing |= {r"^language_model\.", r"^lm_head\."}
             self._keys_to_ignore_on_load_unexpected |= {rf"^{EXTRA_EMBEDDINGS_KEY}$"}
@@ -423,6 +425,8 @@ class DualTokenForConditionalGeneration(DualTokenPreTrainedModel, GenerationMixi
 
     def _head_input(self, branch: str, hidden_states: torch.Tensor) -> torch.Tensor:
         """The LLM hidden states as `branch`'s depth head reads them: through its generation projector if any."""
+        # CODEPATH: folders written before generation projectors existed, and the `tiny` preset, have none; the
+        # `dualtoken-3b` and `mini` presets (and the mini DualToken) have one per branch.
         if not self.config.generation_projector:
             return hidden_states
         projector = self.pixel_generation_projector if branch == "pixel" else self.semantic_generation_projector
