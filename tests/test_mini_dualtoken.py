@@ -108,3 +108,43 @@ def test_demo_writes_a_labelled_grid_into_a_new_folder_each_run(tiny_unified, tm
     assert first["answers"] == second["answers"]
     assert [answer_label(prompt, CLASS_WORDS) for prompt in first["prompts"]] == list(range(10))
     assert json.loads((folders[1] / "results.json").read_text())["prompts"] == first["prompts"]
+
+
+@pytest.fixture(scope="module")
+def mini_dualtoken_script():
+    sys.path.insert(0, str(REPO / "examples" / "experiments"))
+    try:
+        yield load_example(REPO / "examples" / "experiments" / "mini_dualtoken.py")
+    finally:
+        sys.path.remove(str(REPO / "examples" / "experiments"))
+
+
+def test_ablation_verdicts_need_two_standard_errors(mini_dualtoken_script):
+    verdict = mini_dualtoken_script.difference_verdict
+    # 500 images at 60 % and 50 %: 2 standard errors of the difference = 2 * sqrt((.24 + .25) / 500) = 6.3 points
+    assert verdict({"accuracy": 0.6, "num_images": 500}, {"accuracy": 0.5}).startswith("**holds** (+10.0 points")
+    assert verdict({"accuracy": 0.5, "num_images": 500}, {"accuracy": 0.6}).startswith("**reversed**")
+    assert "2 standard errors = 6.3" in verdict({"accuracy": 0.55, "num_images": 500}, {"accuracy": 0.5})
+    assert verdict({"accuracy": 0.55, "num_images": 500}, {"accuracy": 0.5}).startswith("**not shown**")
+
+
+def test_results_page_reports_the_run_records(mini_dualtoken_script, tmp_path):
+    script = mini_dualtoken_script
+    report = {"accuracy": 0.5, "per_class_accuracy": {"0": 1.0}, "num_images": 500, "unparseable": 0.01}
+    (tmp_path / "evaluation.json").write_text(json.dumps({
+        "understanding": {**report, "accuracy": 0.787},
+        "generation": {"guidance_1": report, "guidance_3": {**report, "accuracy": 0.458},
+                       f"guidance_3_top_k_{script.SAMPLING_TOP_K}": report}}))
+    (tmp_path / "evaluation_ablations.json").write_text(json.dumps({
+        "generation": {"generate": {**report, "accuracy": 0.6}, "generate_pixel_only": report},
+        "understanding": {"align": report, "align_semantic_only": report}}))
+    (tmp_path / "classifier").mkdir()
+    (tmp_path / "classifier" / "classifier.json").write_text(json.dumps({"test_accuracy": 0.9, "test_images": 10}))
+    run = script.Run(tmp_path, threads=2)
+    llm = str(script.smollm2_folder())
+    run.record("align", 0.0, [f"python examples/train_unified.py --llm_model_name_or_path {llm}"], note="resumed")
+    page = script.results_markdown(run)
+    assert "| understanding: \"What is in this image?\" about the first 500 test images" in page
+    assert "| 78.7 % | ≥ 75 % |" in page and "| 45.8 % | ≥ 70 % |" in page
+    assert "--llm_model_name_or_path $SMOLLM2`<br>(resumed)" in page and llm not in page
+    assert "| semantic tokens help generation |" in page and "**holds** (+10.0 points" in page
