@@ -11,7 +11,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -26,15 +25,7 @@ from conftest import load_example
 
 
 REPO = Path(__file__).resolve().parents[1]
-SUBSET = REPO / "tests" / "data" / "fashion_mnist_subset.npz"
 CLASS_WORDS = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
-
-
-def first_test_image_per_class() -> tuple[list[Image.Image], list[int]]:
-    with np.load(SUBSET) as arrays:
-        images, labels = arrays["test_images"], arrays["test_labels"]
-    indices = [int(np.flatnonzero(labels == label)[0]) for label in range(10)]
-    return [Image.fromarray(images[index]).convert("RGB") for index in indices], list(range(10))
 
 
 def test_the_folder_holds_only_trained_parts_and_the_package_remote_code():
@@ -52,7 +43,7 @@ def test_the_folder_holds_only_trained_parts_and_the_package_remote_code():
 def test_mini_model_loads_without_the_package_draws_and_names_fashion_mnist(tmp_path):
     """Without dualtoken_hf importable, the folder loads with SmolLM2, generates the codes the package generates for
     the same seed, and names most test images (one per class) correctly."""
-    images, labels = first_test_image_per_class()
+    images, labels = load_example(REPO / "examples" / "demo.py").test_images()
     for index, image in enumerate(images):
         image.save(tmp_path / f"{index}.png")
     script = textwrap.dedent(

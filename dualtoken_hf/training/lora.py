@@ -17,11 +17,8 @@ from torch import nn
 
 from ..hub.folders import language_model_adapter_dir
 from ..hub.writing import save_unified_folder
-from ..modeling_dualtoken import LANGUAGE_MODEL_ADAPTER
+from ..modeling_dualtoken import ADAPTER_WEIGHTS_NAME, LANGUAGE_MODEL_ADAPTER
 from .unified import Stage, apply_stage, lora_target_modules
-
-
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def add_language_model_lora(model: nn.Module, rank: int, alpha: float) -> PeftModel:
@@ -74,7 +71,6 @@ def save_lora_unified_folder(model: PeftModel, processor, save_dir: str | os.Pat
 
 
 __all__ = [
-    "ADAPTER_WEIGHTS_NAME",
     "add_language_model_lora",
     "apply_lora_stage",
     "load_language_model_adapter",

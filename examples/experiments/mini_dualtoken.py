@@ -289,6 +289,16 @@ def generation_results(run: Run, folder: str, guidance_scales: tuple[float, ...]
     return results
 
 
+@torch.no_grad()
+def image_codes(model, processor, images: list[Image.Image], zeroed: str | None = None) -> tuple[torch.Tensor, ...]:
+    """`(pixel_codes, semantic_codes)` of `images`; `zeroed`: that branch's codes set to 0 (the ablations)."""
+    pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    codes = dict(zip(("pixel", "semantic"), model.encode_images(pixel_values)))
+    if zeroed is not None:
+        codes[zeroed] = torch.zeros_like(codes[zeroed])
+    return codes["pixel"], codes["semantic"]
+
+
 def understanding_results(run: Run, folder: str, data_dir: Path, count: int, question: str = QUESTION,
                           zeroed: str | None = None) -> dict:
     """Understanding accuracy of `folder` on the first `count` test images; `zeroed`: that branch's codes set to 0."""
@@ -296,11 +306,7 @@ def understanding_results(run: Run, folder: str, data_dir: Path, count: int, que
     images, labels = test_split(data_dir, count)
     inputs = {"images": images}
     if zeroed is not None:
-        pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        with torch.no_grad():
-            codes = dict(zip(("pixel", "semantic"), model.encode_images(pixel_values)))
-        codes[zeroed] = torch.zeros_like(codes[zeroed])
-        inputs = {"images": None, "codes": (codes["pixel"], codes["semantic"])}
+        inputs = {"images": None, "codes": image_codes(model, processor, images, zeroed)}
     report = understanding_accuracy(model, processor, labels=labels, question=question, class_names=CLASS_WORDS,
                                     batch_size=UNDERSTANDING_BATCH_SIZE, max_new_tokens=10, **inputs)
     return {key: report[key] for key in ("accuracy", "unparseable", "per_class_accuracy", "num_images", "examples")}
@@ -318,16 +324,13 @@ def caption_likelihood_results(run: Run, folder: str, data_dir: Path, count: int
     sequences = [builder.caption(TRAINING_TEMPLATES[0].format(word)) for word in CLASS_WORDS]
     batch = collate_sequences([{"input_ids": ids, "labels": targets, "skipped_images": 0} for ids, targets in sequences],
                               processor.tokenizer.pad_token_id)
-    pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-    codes = dict(zip(("pixel", "semantic"), model.encode_images(pixel_values)))
-    if zeroed is not None:
-        codes[zeroed] = torch.zeros_like(codes[zeroed])
+    codes = dict(zip(("pixel", "semantic"), image_codes(model, processor, images, zeroed)))
     targets = batch["labels"][:, 1:]
     predictions = []
     for index in range(len(images)):
-        image_codes = {f"{branch}_codes": codes[branch][index : index + 1].expand(len(CLASS_WORDS), -1, -1, -1)
-                       for branch in ("pixel", "semantic")}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **image_codes).logits
+        repeated = {f"{branch}_codes": codes[branch][index : index + 1].expand(len(CLASS_WORDS), -1, -1, -1)
+                    for branch in ("pixel", "semantic")}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **repeated).logits
         log_probs = logits[:, :-1].float().log_softmax(dim=-1)
         mask = targets != IGNORE_INDEX
         token_log_probs = log_probs.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * mask

@@ -187,11 +187,11 @@ def unconditional_input_ids(
     return unconditional
 
 
-
 # ------------------------------------------------ weights a folder keeps apart: the LLM's adapter, the base LLM
 
 # Subfolder of a unified folder with the LLM's LoRA adapter (standard PEFT files), next to the unmerged base weights.
 LANGUAGE_MODEL_ADAPTER = "language_model_adapter"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"  # PEFT's name for an adapter's weights
 # Rows of the input embeddings beyond the base LLM's vocabulary (the image tokens), in a trained-parts-only folder.
 EXTRA_EMBEDDINGS_KEY = "language_model_extra_embeddings"
 # Installed packages that ship a GGUF LLM, searched last for a base LLM that is neither given nor resolvable offline.
@@ -291,7 +291,7 @@ def merge_language_model_adapter(model: nn.Module, folder: str | os.PathLike, hu
     config_file = _folder_file(folder, f"{LANGUAGE_MODEL_ADAPTER}/adapter_config.json", hub_kwargs)
     if config_file is None:
         return
-    weights = load_file(_folder_file(folder, f"{LANGUAGE_MODEL_ADAPTER}/adapter_model.safetensors", hub_kwargs))
+    weights = load_file(_folder_file(folder, f"{LANGUAGE_MODEL_ADAPTER}/{ADAPTER_WEIGHTS_NAME}", hub_kwargs))
     merge_lora_adapter(model, _read_json(config_file), weights)
 
 
